@@ -17,6 +17,8 @@ RUNTIME = [
     "opencv-python-headless>=4.8",
     "scikit-image>=0.22",
     "scipy>=1.11",
+    "onnx>=1.17",  # insightface's model router reads ONNX graphs
+    "requests>=2.31",  # imported by insightface (downloads are refused; see infiniteid.face.models)
 ]
 EXPORT = [
     "torch>=2.4",
