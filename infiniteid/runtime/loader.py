@@ -1,0 +1,111 @@
+"""Loading a bundle: the manifest, its files, and a check that they are usable.
+
+:meth:`Bundle.load` is the runtime's only way in. It refuses, with a
+:class:`~infiniteid.bundle.BundleError` that names the file and says what is
+wrong, a bundle that
+
+* has no or an unreadable ``manifest.json``, or one of a format version this
+  runtime does not read;
+* misses a component, a tokenizer or an ONNX / external-weights file;
+* names tensors that differ from the graph contract (:mod:`infiniteid.contract`);
+* holds an ONNX file that is truncated or not an ONNX model at all (checked by
+  walking the protobuf structure, :mod:`infiniteid.runtime.onnx_file`, so the
+  user never sees an onnxruntime ``InvalidProtobuf`` traceback);
+* (with ``verify_hashes``) holds a file whose sha256 differs from the manifest.
+
+Torch-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from ..bundle import ENGINES_DIR, BundleError, ComponentSpec, Manifest, check_files, read_manifest
+from ..contract import COMPONENTS, contracts
+from .onnx_file import OnnxFileError, OnnxFileInfo, check_onnx_file
+
+
+def _contract_names() -> Dict[str, Dict[str, List[str]]]:
+    """Input and output names of every component (names do not depend on model widths)."""
+    c = contracts(text_hidden=1, text_hidden_2=1, pooled_dim=1, cross_attention_dim=1, clip_image_size=1)
+    return {k: {"inputs": [t.name for t in v.inputs], "outputs": [t.name for t in v.outputs]} for k, v in c.items()}
+
+
+@dataclass
+class Bundle:
+    """A validated bundle folder and its manifest."""
+
+    path: Path
+    manifest: Manifest
+    onnx: Dict[str, OnnxFileInfo]
+
+    @classmethod
+    def load(cls, path: Union[str, Path], verify_hashes: bool = False) -> "Bundle":
+        """Read and check ``path``; raises :class:`BundleError` naming the file and the problem."""
+        path = Path(path).expanduser()
+        manifest = read_manifest(path)
+        where = path / "manifest.json"
+        check_files(path, manifest, verify_hashes=verify_hashes)
+        names = _contract_names()
+        for comp in COMPONENTS:
+            spec = manifest.components[comp]
+            for kind in ("inputs", "outputs"):
+                have = [t.name for t in getattr(spec, kind)]
+                want = names[comp][kind]
+                if sorted(have) != sorted(want):
+                    raise BundleError(
+                        f"{where}: component {comp!r} declares {kind} {have}, the runtime expects {want}"
+                    )
+        onnx: Dict[str, OnnxFileInfo] = {}
+        for comp in COMPONENTS:
+            file = path / manifest.components[comp].file
+            try:
+                onnx[comp] = check_onnx_file(file)
+            except OnnxFileError as e:
+                raise BundleError(f"{file}: ONNX file of component {comp!r} is unusable: it {e}") from None
+            except OSError as e:
+                raise BundleError(f"{file}: cannot read the ONNX file of component {comp!r}: {e}") from None
+        return cls(path=path, manifest=manifest, onnx=onnx)
+
+    # -- what is inside --------------------------------------------------------
+    def component(self, name: str) -> ComponentSpec:
+        try:
+            return self.manifest.components[name]
+        except KeyError:
+            raise BundleError(f"{self.path}: the bundle has no component {name!r}") from None
+
+    def onnx_path(self, name: str) -> Path:
+        return self.path / self.component(name).file
+
+    def tokenizer_paths(self) -> List[Path]:
+        return [self.path / rel for rel in self.manifest.tokenizers]
+
+    @property
+    def model(self) -> Dict[str, Any]:
+        return self.manifest.model
+
+    def face_models_folder(self) -> Optional[Path]:
+        """The face model folder the manifest references (the user's, never copied), if any."""
+        fm = self.manifest.face_models
+        if not fm:
+            return None
+        if isinstance(fm, str):
+            return Path(fm).expanduser()
+        for key in ("folder", "path", "root", "dir"):
+            if isinstance(fm.get(key), str) and fm[key]:
+                p = Path(fm[key]).expanduser()
+                return p if p.is_absolute() else self.path / p
+        return None
+
+    def engine_dirs(self) -> List[Path]:
+        """``engines/<gpu>-...-trt<ver>/`` folders present in the bundle (built on target machines)."""
+        root = self.path / ENGINES_DIR
+        return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+    def unet_option(self, key: str, default: Any = None) -> Any:
+        """An export option baked into the U-Net graph (e.g. which ablation switches it allows)."""
+        return self.component("unet").options.get(key, default)
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, components={list(self.manifest.components)})"
