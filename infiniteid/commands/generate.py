@@ -1,0 +1,282 @@
+"""``infiniteid generate``: one image from a face photo and a prompt.
+
+Two ways to run it, chosen by which weights are given:
+
+* ``--bundle BUNDLE``: the torch-free runtime on an exported bundle, with the
+  onnxruntime (``--backend ort``, default) or TensorRT (``--backend trt``) backend;
+* ``--base DIR --image-encoder DIR --adapter FILE``: the PyTorch reference on
+  real weights (SDXL diffusers folder, CLIP image encoder folder, ID adapter).
+
+Both write the PNG and a JSON sidecar next to it (same name, ``.json``) with
+every setting used, so a result can be reproduced.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+EPILOG = """\
+examples:
+  # torch-free runtime on an exported bundle (onnxruntime on CPU or CUDA)
+  infiniteid generate --bundle out/bundle --face me.jpg --prompt "a person in comic book style" \\
+      --face-models ~/.insightface/models/antelopev2 --out me-comic.png
+
+  # the same on TensorRT engines built with 'infiniteid build'
+  infiniteid generate --bundle out/bundle --backend trt --face me.jpg --prompt "an astronaut" --out a.png
+
+  # the PyTorch reference on real weights; two --face mix identities
+  infiniteid generate --base sdxl-base-1.0 --image-encoder clip-vit-h --adapter infiniteid.safetensors \\
+      --face-models antelopev2 --face a.jpg --face b.jpg --prompt "a portrait" --out mix.png
+"""
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate an image of a person from a face photo and a prompt",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("weights (give --bundle, or --base with --image-encoder and --adapter)")
+    which = src.add_mutually_exclusive_group(required=True)
+    which.add_argument("--bundle", type=Path, help="exported bundle folder (runs the torch-free runtime)")
+    which.add_argument("--base", type=Path, help="SDXL diffusers folder (runs the PyTorch reference)")
+    src.add_argument("--image-encoder", type=Path, help="CLIP image encoder folder (with --base)")
+    src.add_argument("--adapter", type=Path, help="Infinite-ID adapter .safetensors (with --base)")
+    src.add_argument(
+        "--face-models",
+        type=Path,
+        help="insightface model folder (detector + ArcFace); with --bundle it overrides the one the manifest references",
+    )
+
+    req = p.add_argument_group("what to make")
+    req.add_argument("--face", type=Path, action="append", required=True, metavar="IMG",
+                     help="reference face photo; give it twice to mix two identities")
+    req.add_argument("--prompt", required=True, help="text prompt, e.g. 'a person in comic book style'")
+    req.add_argument("--negative-prompt", default="", help="negative prompt (default: none)")
+    req.add_argument("--out", type=Path, required=True, metavar="FILE", help="output PNG; FILE.json gets every setting")
+    req.add_argument("--text-stream-out", type=Path, metavar="FILE", help="also write the text stream's image here")
+
+    s = p.add_argument_group("settings")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default 30)")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 5.0; 1 turns it off)")
+    s.add_argument("--id-scale", type=float, default=None, help="weight of the identity cross-attention (default 1.0)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    s.add_argument("--height", type=int, default=None, help="image height (default: the bundle's, or 1024)")
+    s.add_argument("--width", type=int, default=None, help="image width (default: the bundle's, or 1024)")
+    s.add_argument("--scheduler", default=None, help="ddim (default), euler or dpmpp_2m")
+    s.add_argument("--no-mixed-attention", action="store_true",
+                   help="ablation: plain self-attention in the ID stream (bundles: only if exported that way)")
+    s.add_argument("--no-adain", action="store_true",
+                   help="ablation: mixed attention without AdaIN-mean (bundles: only if exported that way)")
+
+    b = p.add_argument_group("runtime (with --bundle)")
+    b.add_argument("--backend", choices=("ort", "trt"), default="ort", help="onnxruntime (default) or TensorRT")
+    b.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads (default: all CPUs)")
+    b.add_argument("--verify-hashes", action="store_true", help="check every bundle file's sha256 against the manifest")
+
+    r = p.add_argument_group("PyTorch reference (with --base)")
+    r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+# -- shared with the demo ------------------------------------------------------------
+def versions() -> Dict[str, str]:
+    """Versions of what produced an image (only modules already imported, plus numpy)."""
+    out = {"python": platform.python_version()}
+    for mod in ("numpy", "onnxruntime", "tokenizers", "torch", "diffusers", "tensorrt"):
+        m = sys.modules.get(mod)
+        if m is not None and hasattr(m, "__version__"):
+            out[mod] = str(m.__version__)
+    try:
+        from importlib.metadata import version
+
+        out["infiniteid-rt"] = version("infiniteid-rt")
+    except Exception:  # not installed as a distribution (run from a checkout)
+        pass
+    return out
+
+
+def arguments(args: argparse.Namespace) -> Dict[str, Any]:
+    """The command's parsed arguments, JSON-friendly."""
+    out: Dict[str, Any] = {}
+    for k, v in vars(args).items():
+        if k in ("run", "command"):
+            continue
+        out[k] = [str(x) for x in v] if isinstance(v, list) else (str(v) if isinstance(v, Path) else v)
+    return out
+
+
+def write_sidecar(png: Path, record: Dict[str, Any]) -> Path:
+    """``FILE.json`` next to ``FILE.png``."""
+    path = png.with_suffix(".json")
+    path.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def save_png(image: Any, path: Path) -> None:
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+
+
+def _check_out(path: Path, what: str) -> None:
+    from ..cli import UserError
+
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{what} must be a .png file, got {path}")
+    if path.exists() and path.is_dir():
+        raise UserError(f"{what} {path} is a folder")
+
+
+# -- the command -------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from ..cli import UserError
+    from .. import generation as gen
+
+    _check_out(args.out, "--out")
+    if args.text_stream_out is not None:
+        _check_out(args.text_stream_out, "--text-stream-out")
+    for f in args.face:
+        if not f.is_file():
+            raise UserError(f"face image not found: {f}")
+    if len(args.face) > 1 and len(set(map(str, args.face))) != len(args.face):
+        raise UserError("the same --face is given twice; give two different photos to mix identities")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be a positive integer, got {args.threads}")
+
+    request = gen.GenerationRequest(
+        prompt=args.prompt,
+        faces=[str(f) for f in args.face],
+        negative_prompt=args.negative_prompt,
+        id_scale=gen.DEFAULT_ID_SCALE if args.id_scale is None else args.id_scale,
+        guidance=gen.DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+        seed=args.seed,
+    )
+    if args.bundle is not None:
+        for flag in ("image_encoder", "adapter", "device"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} only applies with --base (the PyTorch reference)")
+        return _run_bundle(args, request)
+    if args.image_encoder is None or args.adapter is None:
+        raise UserError("--base needs --image-encoder DIR and --adapter FILE as well")
+    if args.face_models is None:
+        raise UserError("--base needs --face-models DIR (the insightface folder) to read the face photo")
+    if args.backend != "ort" or args.threads is not None or args.verify_hashes:
+        raise UserError("--backend, --threads and --verify-hashes only apply with --bundle")
+    return _run_reference(args, request)
+
+
+def _settings(args: argparse.Namespace, height: int, width: int):
+    from .. import generation as gen
+
+    guidance = gen.DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    return gen.BatchSettings(
+        cfg=guidance != 1.0,  # guidance 1 is the conditional prediction alone: skip the unconditional half
+        height=height if args.height is None else args.height,
+        width=width if args.width is None else args.width,
+        steps=gen.DEFAULT_STEPS if args.steps is None else args.steps,
+        scheduler=gen.DEFAULT_SCHEDULER if args.scheduler is None else args.scheduler,
+        mixed_attention=not args.no_mixed_attention,
+        adain=not args.no_adain,
+        return_text_stream=args.text_stream_out is not None,
+    )
+
+
+def _run_bundle(args: argparse.Namespace, request) -> int:
+    from .. import generation as gen
+    from ..runtime import Runtime
+
+    opts: Dict[str, Any] = {}
+    if args.threads is not None:
+        if args.backend != "ort":
+            from ..cli import UserError
+
+            raise UserError("--threads applies to the ort backend only")
+        opts["intra_op_threads"] = args.threads
+    from ..runtime.loader import Bundle
+
+    bundle = Bundle.load(args.bundle, verify_hashes=args.verify_hashes)
+    rt = Runtime(bundle, backend=args.backend, face_models=args.face_models, **opts)
+    try:
+        settings = _settings(args, rt.default_height, rt.default_width)
+        t0 = time.perf_counter()
+        out = rt.generate([request], settings, progress=not args.no_progress)
+        seconds = time.perf_counter() - t0
+        describe = getattr(rt.backend, "describe", None)
+        backend_info = describe() if callable(describe) else {"backend": rt.backend.name}
+    finally:
+        rt.close()
+    return _write(args, request, settings, out.images[0], out.text_images[0] if out.text_images else None, {
+        "engine": "runtime",
+        "bundle": str(Path(args.bundle).resolve()),
+        "backend": backend_info,
+        "face_models": str(rt.face_models or bundle.face_models_folder() or ""),
+        "seconds": round(seconds, 3),
+        "timings": {k: round(v, 3) for k, v in out.timings.items()},
+    })
+
+
+def _run_reference(args: argparse.Namespace, request) -> int:
+    from ..cli import UserError
+
+    try:
+        import torch
+
+        from ..model.loading import WeightsError
+        from ..model.pipeline import InfiniteIDPipeline
+    except ImportError as e:
+        raise UserError(f"--base runs the PyTorch reference, which needs the export extra (pip install 'infiniteid-rt[export]'): {e}") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        pipe = InfiniteIDPipeline.from_pretrained(
+            args.base, args.image_encoder, args.adapter, args.face_models, device=device, dtype=dtype
+        )
+    except WeightsError as e:
+        raise UserError(str(e)) from None
+    settings = _settings(args, 1024, 1024)
+    t0 = time.perf_counter()
+    out = pipe.generate([request], settings, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    return _write(args, request, settings, out.images[0], out.text_images[0] if out.text_images else None, {
+        "engine": "pytorch-reference",
+        "base": str(args.base),
+        "image_encoder": str(args.image_encoder),
+        "adapter": str(args.adapter),
+        "face_models": str(args.face_models),
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "seconds": round(seconds, 3),
+    })
+
+
+def _write(args, request, settings, image, text_image, source: Dict[str, Any]) -> int:
+    from .. import generation as gen
+
+    save_png(image, args.out)
+    outputs: Dict[str, Optional[str]] = {"image": str(args.out)}
+    if text_image is not None:
+        save_png(text_image, args.text_stream_out)
+        outputs["text_stream"] = str(args.text_stream_out)
+    record = {
+        "request": gen.describe(request),
+        "settings": settings.to_dict(),
+        "source": source,
+        "outputs": outputs,
+        "versions": versions(),
+        "arguments": arguments(args),
+    }
+    side = write_sidecar(args.out, record)
+    print(f"wrote {args.out} ({settings.width}x{settings.height}, {settings.steps} steps) and {side}")
+    return 0

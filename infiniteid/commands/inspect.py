@@ -1,0 +1,138 @@
+"""``infiniteid inspect BUNDLE``: what a bundle holds, as tables.
+
+Reads only the manifest and the file sizes (nothing is loaded into a backend), so
+it also shows a bundle whose files are incomplete: missing files are marked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Iterable, List, Sequence
+
+EPILOG = """\
+examples:
+  infiniteid inspect out/bundle
+  infiniteid inspect out/bundle --json      # the manifest itself
+"""
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="show a bundle's manifest: components, tensors, files, scheduler, tools, engines",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bundle", type=Path, help="bundle folder (with manifest.json)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of tables")
+    p.set_defaults(run=run)
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain-text table with left-aligned columns."""
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _dims(xs: Sequence[Any]) -> str:
+    return "(" + ", ".join(str(x) for x in xs) + ")"
+
+
+def _file_size(path: Path) -> str:
+    return human_size(path.stat().st_size) if path.is_file() else "MISSING"
+
+
+def engines(bundle: Path) -> List[List[str]]:
+    """One row per ``engines/<target>/<component>.plan``, with what its JSON sidecar says."""
+    rows: List[List[str]] = []
+    root = bundle / "engines"
+    if not root.is_dir():
+        return rows
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        plans = sorted(p for p in folder.iterdir() if p.suffix == ".plan")
+        if not plans:
+            rows.append([folder.name, "(no plans)", "", "", "", ""])
+        for plan in plans:
+            side: dict = {}
+            try:
+                side = json.loads(plan.with_suffix(".json").read_text())
+            except (OSError, ValueError):
+                pass
+            side = side if isinstance(side, dict) else {}
+            rows.append([folder.name, plan.stem, human_size(plan.stat().st_size), str(side.get("precision", "?")),
+                         str(side.get("tensorrt_version", "?")), str(side.get("created", "?"))])
+    return rows
+
+
+def render(bundle: Path, manifest: Any) -> str:
+    m = manifest
+    parts: List[str] = []
+    parts.append(f"bundle     {bundle.resolve()}")
+    parts.append(f"format     {m.format} v{m.format_version}" + (f", created {m.created}" if m.created else ""))
+    model = ", ".join(f"{k}={v}" for k, v in sorted(m.model.items()) if not isinstance(v, (dict, list)))
+    parts.append(f"model      {model}")
+    res = ", ".join(f"{k}={v}" for k, v in sorted((m.resolution or {}).items()))
+    parts.append(f"resolution {res}; max images per batch {m.max_images}")
+    fm = m.face_models
+    parts.append(f"face models {json.dumps(fm) if fm else '(none referenced; pass --face-models)'}")
+
+    comp_rows = []
+    for name, c in m.components.items():
+        f = bundle / c.file
+        size = _file_size(f)
+        if c.external_data:
+            size += f" + {_file_size(bundle / c.external_data)} external"
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(c.options.items()) if not isinstance(v, (dict, list)))
+        comp_rows.append([name, c.precision, c.file, size, c.sha256[:12], opts])
+    parts += ["", "components", table(["name", "precision", "file", "size", "sha256", "options"], comp_rows)]
+
+    t_rows = []
+    for name, c in m.components.items():
+        for kind, tensors in (("in", c.inputs), ("out", c.outputs)):
+            for t in tensors:
+                t_rows.append([name, kind, t.name, t.dtype, _dims(t.shape), _dims(t.min), _dims(t.opt), _dims(t.max)])
+    parts += ["", "tensors", table(["component", "io", "name", "dtype", "shape", "min", "opt", "max"], t_rows)]
+
+    other = [[rel, _file_size(bundle / rel)] for rel in m.tokenizers]
+    parts += ["", "files", table(["file", "size"], other)]
+
+    sched = ", ".join(f"{k}={v}" for k, v in sorted(m.scheduler_config.items()) if not k.startswith("_"))
+    parts += ["", f"scheduler  {sched}"]
+    parts.append("tools      " + (", ".join(f"{k} {v}" for k, v in sorted(m.tools.items())) or "(none recorded)"))
+    if m.sources:
+        parts.append("sources")
+        parts += [f"  {k}  {v}" for k, v in sorted(m.sources.items())]
+
+    engine_rows = engines(bundle)
+    parts.append("")
+    if engine_rows:
+        parts += ["engines", table(["folder", "plan", "size", "precision", "tensorrt", "built"], engine_rows)]
+    else:
+        parts.append("engines    none (build them on the target GPU with 'infiniteid build')")
+    return "\n".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bundle import read_manifest
+
+    manifest = read_manifest(args.bundle)
+    if args.json:
+        print(manifest.to_json())
+    else:
+        print(render(args.bundle, manifest))
+    return 0
