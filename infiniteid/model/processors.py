@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from ..kernels.reference import mixed_attention_reference
+from ..kernels.dispatch import mixed_attention
 from ..layout import merge_streams, split_streams
 
 INFERENCE = "inference"
@@ -140,8 +140,8 @@ class MixedSelfAttnProcessor(nn.Module):
         k, v = frame.keys_values(frame.hidden_states, attn.to_k, attn.to_v)
         two_streams = infinite_id is not None and infinite_id.mode == INFERENCE
         if two_streams:
-            out = mixed_attention_reference(
-                q, k, v, mixed=infinite_id.mixed_attention, adain=infinite_id.adain
+            out = mixed_attention(
+                q, k, v, mixed=infinite_id.mixed_attention, adain=infinite_id.adain, backend=self.kernel_backend
             )
         else:
             out = F.scaled_dot_product_attention(q, k, v)
