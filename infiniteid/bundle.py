@@ -67,14 +67,26 @@ class TensorSpec:
 
 @dataclass
 class ComponentSpec:
+    """One ONNX graph of the bundle.
+
+    ``size``/``external_size`` (bytes) let :func:`check_files` catch a truncated or
+    replaced file without hashing gigabytes; ``0`` means "not recorded".
+    ``options`` are the export options baked into the graph, e.g. the U-Net's
+    ``mixed_attention``/``adain``/``max_identities`` and the VAE decoder's
+    ``scaling_in_graph`` (its input is the raw final latent).
+    """
+
     name: str
     file: str  # relative to the bundle, e.g. "onnx/unet.onnx"
     precision: str  # "fp32" | "fp16"
-    sha256: str  # of the .onnx file (external data hashed into it: see file_digest)
+    sha256: str  # of the .onnx file
     inputs: List[TensorSpec]
     outputs: List[TensorSpec]
-    external_data: Optional[str] = None  # relative path of the weights file, if any
+    external_data: Optional[str] = None  # relative path of the weights file, e.g. "onnx/unet.onnx.data"
     options: Dict[str, Any] = field(default_factory=dict)  # export options baked in
+    size: int = 0  # bytes of the .onnx file
+    external_sha256: Optional[str] = None  # of the external weights file
+    external_size: int = 0  # bytes of the external weights file
 
     def tensor(self, name: str) -> TensorSpec:
         for t in self.inputs + self.outputs:
@@ -85,8 +97,23 @@ class ComponentSpec:
 
 @dataclass
 class Manifest:
+    """Everything a runtime needs to know about a bundle.
+
+    ``model`` (written by the export): ``kind`` ("sdxl" | "tiny"), the widths
+    ``text_hidden``, ``text_hidden_2``, ``pooled_dim``, ``cross_attention_dim``,
+    ``latent_channels``, ``face_embed_dim``; ``clip_image`` (``size``, ``mean``,
+    ``std``); token counts ``max_length`` (prompt) and ``id_tokens`` (one
+    identity's ``c_id``); ``vae_scale_factor`` (pixels per latent side, 8) and
+    ``vae_scaling_factor`` (latent scale, 0.13025 for SDXL); ``resolution_multiple``;
+    ``force_zeros_for_empty_prompt``; ``id_encoder`` (the mapper config).
+    ``resolution``: ``multiple``, ``min``, ``max``, ``default_height``, ``default_width``.
+    ``sources``: source weight file (or ``state_dict/<module>`` for in-memory
+    weights) -> sha256. ``face_models``: ``{"path": folder, "files": {name: sha256}}``,
+    the user's insightface folder, referenced and never copied.
+    """
+
     components: Dict[str, ComponentSpec]
-    model: Dict[str, Any]  # kind, widths, token counts, vae scaling factor, clip image config...
+    model: Dict[str, Any]
     scheduler_config: Dict[str, Any]
     resolution: Dict[str, int]  # multiple, min, max, default_height, default_width
     max_images: int
@@ -169,8 +196,29 @@ def read_manifest(bundle: Union[str, Path]) -> Manifest:
     return Manifest.from_dict(d, str(path))
 
 
+def write_manifest(bundle: Union[str, Path], manifest: Manifest) -> Path:
+    """Validate ``manifest`` and write it as ``bundle/manifest.json`` (the export's last file).
+
+    Written to a temporary name and renamed, so a reader sees no manifest or a whole one.
+    """
+    path = Path(bundle) / MANIFEST
+    manifest.validate(str(path))
+    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(manifest.to_json() + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _check_size(path: Path, recorded: int, what: str) -> None:
+    if recorded and path.stat().st_size != recorded:
+        raise BundleError(
+            f"{path}: {what} has {path.stat().st_size} bytes, the manifest records {recorded}; "
+            "the file is truncated or was replaced after export (re-export the bundle)"
+        )
+
+
 def check_files(bundle: Union[str, Path], manifest: Manifest, verify_hashes: bool = False) -> None:
-    """Every file the manifest names exists (and, optionally, has the recorded hash)."""
+    """Every file the manifest names exists with its recorded size (and, optionally, hash)."""
     bundle = Path(bundle)
     for rel in manifest.tokenizers:
         if not (bundle / rel).is_file():
@@ -179,7 +227,14 @@ def check_files(bundle: Union[str, Path], manifest: Manifest, verify_hashes: boo
         p = bundle / c.file
         if not p.is_file():
             raise BundleError(f"{p}: ONNX file of component {c.name!r} missing from the bundle")
-        if c.external_data and not (bundle / c.external_data).is_file():
-            raise BundleError(f"{bundle / c.external_data}: external weights of component {c.name!r} missing")
-        if verify_hashes and file_digest(p) != c.sha256:
-            raise BundleError(f"{p}: sha256 differs from the manifest; the file changed after export")
+        _check_size(p, c.size, f"the ONNX file of component {c.name!r}")
+        data = bundle / c.external_data if c.external_data else None
+        if data is not None:
+            if not data.is_file():
+                raise BundleError(f"{data}: external weights of component {c.name!r} missing")
+            _check_size(data, c.external_size, f"the external weights of component {c.name!r}")
+        if verify_hashes:
+            if file_digest(p) != c.sha256:
+                raise BundleError(f"{p}: sha256 differs from the manifest; the file changed after export")
+            if data is not None and c.external_sha256 and file_digest(data) != c.external_sha256:
+                raise BundleError(f"{data}: sha256 differs from the manifest; the file changed after export")
