@@ -1,0 +1,89 @@
+"""``infiniteid export`` in process, through ``infiniteid.cli.main``."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from infiniteid.bundle import check_files, read_manifest
+from infiniteid.cli import main
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("infiniteid export: error: ")
+    return err
+
+
+@pytest.mark.slow
+def test_export_tiny_writes_a_bundle(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["export", "--tiny", "--out", str(out), "--no-progress", "--max-batch", "2", "--no-adain"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    m = read_manifest(out)
+    check_files(out, m, verify_hashes=True)
+    assert m.max_images == 2 and m.components["unet"].options["adain"] is False
+    assert m.components["unet"].options["mixed_attention"] is True
+    assert os.listdir(tmp_path) == ["tiny"]
+
+    # the same folder again: refused, and the bundle is left as it was
+    before = (out / "manifest.json").read_bytes()
+    assert main(["export", "--tiny", "--out", str(out), "--no-progress"]) == 1
+    assert "already exists" in one_line_error(capsys)
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_existing_folder_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", "--tiny", "--out", str(out)]) == 1
+    assert "--overwrite" in one_line_error(capsys)
+    assert main(["export", "--tiny", "--out", str(out), "--overwrite"]) == 1
+    assert "is not a bundle" in one_line_error(capsys)
+    assert os.listdir(out) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--height", "100"], "height=100 is not a multiple of 16 (the VAE and U-Net downsampling need it); try 96 or 112"),
+        (["--width", "8"], "width=8 is not a multiple of 16"),
+        (["--height", "256", "--max-resolution", "192"], "height=256 is outside the supported range [64, 192]"),
+        (["--max-batch", "0"], "max batch must be a positive integer"),
+        (["--opset", "13"], "opset must be an integer in [17, 20]"),
+    ],
+)
+def test_illegal_settings_give_one_line(tmp_path, capsys, flags, message):
+    out = tmp_path / "b"
+    assert main(["export", "--tiny", "--out", str(out), "--no-progress"] + flags) == 1
+    assert message in one_line_error(capsys)
+    assert os.listdir(tmp_path) == []
+
+
+def test_real_export_needs_all_four_sources(tmp_path, capsys):
+    assert main(["export", "--out", str(tmp_path / "b"), "--base", str(tmp_path)]) == 1
+    err = one_line_error(capsys)
+    assert "missing --image-encoder, --adapter, --face-models" in err and "--tiny" in err
+
+
+def test_real_export_checks_paths_first(tmp_path, capsys):
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "clip").mkdir()
+    args = ["export", "--out", str(tmp_path / "b"), "--base", str(tmp_path / "sdxl"), "--image-encoder", str(tmp_path / "clip")]
+    args += ["--adapter", str(tmp_path / "adapter.safetensors"), "--face-models", str(tmp_path / "faces")]
+    assert main(args) == 1
+    assert "--adapter: file not found" in one_line_error(capsys)
+
+
+def test_tiny_refuses_real_sources(tmp_path, capsys):
+    assert main(["export", "--tiny", "--base", str(tmp_path), "--out", str(tmp_path / "b")]) == 1
+    assert "--tiny exports the tiny model; drop --base" in one_line_error(capsys)
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert "infiniteid export --tiny --out out/tiny" in out and "--face-models" in out
