@@ -240,3 +240,30 @@ def test_fp16_bundle_close_to_fp32_reference(tmp_path, rt, pipe):
     diff = np.abs(ours.arrays[0].astype(int) - ref.images[0].astype(int)).max()
     assert diff <= 8, f"fp16 bundle differs from the fp32 reference by {diff}/255"
     shutil.rmtree(tmp_path / "fp16")
+
+
+def test_face_models_from_the_manifest_or_the_argument(bundle_dir, tmp_path):
+    """The manifest references the user's face model folder; an argument overrides it."""
+    import json
+
+    from infiniteid.face import write_synthetic_face_models
+
+    referenced = write_synthetic_face_models(tmp_path / "referenced", seed=0)
+    override = write_synthetic_face_models(tmp_path / "override", seed=1)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["face_models"] = {"path": str(referenced), "files": {}}
+    (copy / "manifest.json").write_text(json.dumps(m))
+    photo = tmp_path / "face.png"
+    demo_face().save(photo)
+
+    from_manifest = Runtime(copy, intra_op_threads=1)
+    assert from_manifest.bundle.face_models_folder() == referenced
+    assert Path(from_manifest.face.folder) == referenced.resolve()
+    overridden = Runtime(copy, face_models=override, intra_op_threads=1)
+    assert Path(overridden.face.folder) == override.resolve()
+    # different recogniser weights, different embeddings
+    a = from_manifest.face_input(str(photo)).embedding
+    b = overridden.face_input(str(photo)).embedding
+    assert a.shape == b.shape == (512,) and np.abs(a - b).max() > 1e-3

@@ -352,9 +352,9 @@ class Runtime:
     def decode(self, latents: np.ndarray) -> List[np.ndarray]:
         """Latents -> uint8 ``(H, W, 3)`` images through ``vae_decoder``.
 
-        The reference divides by the VAE's scaling factor before decoding; a bundle
-        whose decoder graph does not fold that division in (option
-        ``scaled_latent_input`` false) gets it here.
+        The reference divides by the VAE's scaling factor before decoding. The export
+        folds that division into the decoder graph and says so in the component's
+        options (``scaling_in_graph``); a bundle without that option gets it here.
         """
         x = np.asarray(latents, dtype=np.float32)
         if not self.bundle.component(VAE_DECODER).options.get("scaling_in_graph", False):
