@@ -12,7 +12,6 @@ Module path: ``cuda.bindings.runtime`` (cuda-python 12.6.2.post1 and later,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -237,18 +236,3 @@ class Event:
         if self.handle is not None:
             check(cudart().cudaEventDestroy(self.handle), "cudaEventDestroy")
             self.handle = None
-
-
-@dataclass
-class HostArrayPool:
-    """Reusable page-aligned host arrays per (name, shape, dtype): outputs are copied into them."""
-
-    def __post_init__(self) -> None:
-        self._arrays: dict = {}
-
-    def get(self, key: str, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        a = self._arrays.get(key)
-        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
-            a = np.empty(shape, dtype=dtype)
-            self._arrays[key] = a
-        return a
