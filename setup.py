@@ -35,7 +35,9 @@ GPU = [
     "cuda-python>=12.6.2",
     "tensorrt>=10.9",
 ]
-TEST = ["pytest>=8", "triton>=3.1"]
+# tensorrt-lean and cuda-python install without a GPU: the tests check that every
+# TensorRT / CUDA name the backend calls exists in the real bindings.
+TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2"]
 
 setup(
     name="infiniteid-rt",

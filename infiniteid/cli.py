@@ -67,4 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package's module so that UserError is one class, not two.
+    from infiniteid.cli import main as _main
+
+    sys.exit(_main())
