@@ -8,7 +8,8 @@ The steps of :func:`export_component`:
    diffusers' U-Net reliably at opset 17..20 and runs our processors as plain
    Python, so what it records is exactly the reference's arithmetic. Every
    symbolic dimension of the contract becomes a named dynamic axis;
-3. onnxslim: constant folding, dead-node removal, operator fusion, shape inference;
+3. onnxslim: constant folding, dead-node removal, operator fusion, shape inference
+   (shape inference only below 2 GiB, see :func:`_slim`);
 4. input and output names, order, dtypes and symbolic dims are checked against
    :mod:`infiniteid.contract` (the manifest is built from the same contract, so
    graph and manifest cannot disagree);
@@ -36,7 +37,7 @@ from ..bundle import ComponentSpec, file_digest
 from ..generation import InvalidRequest
 from .graphs import component_modules, wrap
 from .model_info import ModelInfo, sample_inputs, tensor_specs, trace_symbols
-from .options import ExportOptions
+from .options import TWO_GIB, ExportOptions
 
 _ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int64": onnx.TensorProto.INT64}
 
@@ -220,11 +221,15 @@ def _contract_tensors(name: str) -> C.ComponentContract:
 
 
 def _slim(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim's clean-up. Past 2 GiB its shape inference serialises the model, which
+    protobuf cannot do, so big graphs are slimmed without it (folding and fusion still
+    run; TensorRT and onnxruntime infer shapes themselves)."""
     import onnxslim
 
+    big = _initializer_bytes(model) >= TWO_GIB
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return onnxslim.slim(model)
+        return onnxslim.slim(model, no_shape_infer=big)
 
 
 def _conform_io(model: onnx.ModelProto, name: str, inputs, outputs, where: str) -> None:
