@@ -99,7 +99,7 @@ class ComponentSpec:
 class Manifest:
     """Everything a runtime needs to know about a bundle.
 
-    ``model`` (written by the export): ``kind`` ("sdxl" | "tiny"), the widths
+    ``model`` (written by the export): ``kind`` ("sdxl" | "tiny" | "custom"), the widths
     ``text_hidden``, ``text_hidden_2``, ``pooled_dim``, ``cross_attention_dim``,
     ``latent_channels``, ``face_embed_dim``; ``clip_image`` (``size``, ``mean``,
     ``std``); token counts ``max_length`` (prompt) and ``id_tokens`` (one

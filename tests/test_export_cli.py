@@ -87,3 +87,38 @@ def test_help_has_examples(capsys):
         main(["export", "--help"])
     out = capsys.readouterr().out
     assert "infiniteid export --tiny --out out/tiny" in out and "--face-models" in out
+
+
+@pytest.mark.slow
+def test_export_from_real_weight_folders(tmp_path, capsys):
+    """The real-weights path end to end, on the tiny model written in the SDXL folder layout.
+
+    The face models are only referenced (path and sha256), never read, so placeholder
+    files stand in for the insightface pack here.
+    """
+    import numpy as np
+
+    from infiniteid.model.pipeline import InfiniteIDPipeline
+    from infiniteid.model.weights_folder import save_weight_folders
+    from infiniteid.tokenize import PromptTokenizer
+
+    pipe = InfiniteIDPipeline.tiny(0)
+    w = save_weight_folders(pipe.c, tmp_path / "weights")
+    faces = tmp_path / "antelopev2"
+    faces.mkdir()
+    (faces / "scrfd_10g_bnkps.onnx").write_bytes(b"detector placeholder")
+    (faces / "glintr100.onnx").write_bytes(b"arcface placeholder")
+    out = tmp_path / "bundle"
+    args = ["export", "--base", str(w.base), "--image-encoder", str(w.image_encoder), "--adapter", str(w.adapter)]
+    args += ["--face-models", str(faces), "--out", str(out), "--no-progress", "--no-slim", "--precision", "fp16"]
+    assert main(args) == 0, capsys.readouterr().err
+    m = read_manifest(out)
+    check_files(out, m, verify_hashes=True)
+    assert m.face_models["path"] == str(faces) and set(m.face_models["files"]) == {"scrfd_10g_bnkps.onnx", "glintr100.onnx"}
+    assert not list(out.rglob("*.onnx.*")) and not (out / "glintr100.onnx").exists()  # referenced, not copied
+    assert "adapter/adapter.safetensors" in m.sources
+    assert "base/unet/diffusion_pytorch_model.safetensors" in m.sources and "image_encoder/config.json" in m.sources
+    assert m.model["kind"] == "tiny" and m.components["unet"].precision == "fp16"
+    assert m.components["vae_decoder"].precision == "fp32"  # the VAE stays fp32 unless asked
+    prompts = ["a photo of a man", ""]
+    np.testing.assert_array_equal(PromptTokenizer.from_file(out / "tokenizer" / "tokenizer.json")(prompts), pipe.c.tokenizer(prompts))

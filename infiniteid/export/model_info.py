@@ -34,7 +34,7 @@ Range = Tuple[int, int, int]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    kind: str  # "sdxl" for real weights, "tiny" for the tiny random model
+    kind: str  # "sdxl", "tiny" (the tiny test model) or "custom", by architecture
     text_hidden: int
     text_hidden_2: int
     pooled_dim: int
@@ -64,7 +64,7 @@ class ModelInfo:
             raise ValueError(
                 f"CLIP preprocessing size {c.clip_image.size} differs from the image encoder's {vision.image_size}"
             )
-        kind = "tiny" if str(c.sources.get("model", "")).startswith("tiny") else "sdxl"
+        kind = _kind(c.unet.config.cross_attention_dim, c.text_encoder_2.config.projection_dim)
         return cls(
             kind=kind,
             text_hidden=c.text_encoder.config.hidden_size,
@@ -96,6 +96,19 @@ class ModelInfo:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+def _kind(cross_attention_dim: int, pooled_dim: int) -> str:
+    """"sdxl" for SDXL's widths, "tiny" for the tiny test model's, else "custom" (by
+    architecture, not by where the weights came from)."""
+    from ..model.tiny import TinySizes
+
+    if (cross_attention_dim, pooled_dim) == (2048, 1280):
+        return "sdxl"
+    tiny = TinySizes()
+    if (cross_attention_dim, pooled_dim) == (tiny.cross_attention_dim, tiny.pooled):
+        return "tiny"
+    return "custom"
 
 
 def symbol_ranges(component: str, info: ModelInfo, opts: ExportOptions) -> Dict[str, Range]:
