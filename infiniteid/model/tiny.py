@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ..tokenize import PromptTokenizer, configure_padding
@@ -43,16 +43,36 @@ TINY_SCHEDULER_CONFIG = {
 }
 
 
+def _bpe_vocab_and_merges():
+    """A deterministic CLIP-style BPE over the corpus words.
+
+    Trained BPE breaks ties between equally frequent pairs in hash order, so two
+    trainings number tokens differently; the tiny model must be bit-identical for a
+    seed, so the vocabulary is built by rule instead: single characters (plain and
+    word-final), then every word grown left to right one character per merge.
+    Words outside the corpus fall apart into characters, as CLIP's BPE does.
+    """
+    words = sorted(set(_CORPUS.split()))
+    chars = sorted({c for w in words for c in w} | set(",.:;'()-?!"))  # punctuation: no unknowns in prompts
+    vocab = [BOS, EOS, "!"] + [t for c in chars for t in (c, c + "</w>")]
+    merges = []
+    for w in words:
+        for k in range(2, len(w) + 1):
+            last = w[k - 1] + ("</w>" if k == len(w) else "")
+            merges.append((w[: k - 1], last))
+    merges = sorted(set(merges), key=lambda m: (len(m[0]) + len(m[1]), m))
+    vocab += [a + b for a, b in merges]
+    vocab = list(dict.fromkeys(vocab))
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
 def tiny_tokenizer(pad_token: str = EOS) -> PromptTokenizer:
-    """A CLIP-like BPE tokenizer (lower-casing, ``</w>`` word ends, BOS/EOS), trained in process."""
-    tok = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
+    """A CLIP-like BPE tokenizer (lower-casing, ``</w>`` word ends, BOS/EOS); deterministic."""
+    vocab, merges = _bpe_vocab_and_merges()
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=EOS, end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=[BOS, EOS, "!"], end_of_word_suffix="</w>", show_progress=False
-    )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, tok.token_to_id(BOS)), (EOS, tok.token_to_id(EOS))]
     )
@@ -70,10 +90,11 @@ class TinySizes:
     clip_image_size: int = 32  # 224
     clip_patch: int = 8  # 14
     clip_hidden: int = 32  # 1280
-    vocab: int = 300  # 49408
+    vocab: int = 320  # 49408; covers tiny_tokenizer()'s vocabulary
 
 
 def tiny_text_encoders(sizes: TinySizes, tokenizer: PromptTokenizer):
+    assert tokenizer.tokenizer.get_vocab_size() <= sizes.vocab, "TinySizes.vocab must cover the tiny tokenizer"
     eos_id = tokenizer.tokenizer.token_to_id(EOS)
     cfg = CLIPTextConfig(
         bos_token_id=tokenizer.tokenizer.token_to_id(BOS),
