@@ -38,7 +38,7 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+@pytest.mark.parametrize("tma,lazy", [(False, False), (True, False), (False, True)], ids=["pointers", "tma", "lazy"])
 @pytest.mark.parametrize(
     "dtype,pairs,heads,tokens,dim",
     [
@@ -49,13 +49,13 @@ def rel(a, b) -> float:
     ],
     ids=lambda x: str(x).replace("torch.", ""),
 )
-def test_kernel_on_gpu_matches_reference(dtype, pairs, heads, tokens, dim, tma):
+def test_kernel_on_gpu_matches_reference(dtype, pairs, heads, tokens, dim, tma, lazy):
     seed = int.from_bytes(os.urandom(4), "little")
     q, k, v = sdxl_like(pairs, heads, tokens, dim, dtype, seed)
     if tma and not tma_supported(q, k, v):
         pytest.skip("tensor descriptors need a Hopper or newer GPU")
     out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
-    cfg = KernelConfig(block_m=128, block_n=64, num_warps=8 if dim == 128 else 4, num_stages=3, tma=tma)
+    cfg = KernelConfig(block_m=128, block_n=64, num_warps=8 if dim == 128 else 4, num_stages=3, tma=tma, lazy_rescale=lazy)
     mixed_attention_triton(q, k, v, adain=True, config=cfg, out=out)
     torch.cuda.synchronize()
     assert not torch.isnan(out).any(), f"unwritten output, seed={seed}"

@@ -102,6 +102,18 @@ def test_small_tiles_many_loop_trips_and_tails(dtype):
     check_against_reference(q, k, v, out, mixed=True, adain=True, seed=seed)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
+def test_lazy_rescaling_on_large_logits(tma):
+    """Lazy rescaling keeps a row's max until it grows by 2^8: exact on large, drifting logits."""
+    seed = fresh_seed()
+    q, k, v = two_stream(2, 1, 100, 32, torch.float32, seed)
+    q = q * 4  # logits of tens: the running max moves often
+    out = torch.full_like(q, float("nan"))
+    cfg = KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=2, reduce_block=64, lazy_rescale=True, tma=tma)
+    mixed_attention_triton(q, k, v, adain=True, out=out, config=cfg)
+    check_against_reference(q, k, v, out, mixed=True, adain=True, seed=seed)
+
+
 def test_strided_inputs_custom_scale_and_default_output_layout():
     """Heads-split views as attention processors make them; output in (B, N, H, D) memory."""
     seed = fresh_seed()
@@ -173,7 +185,8 @@ def test_kernel_config_validation():
         KernelConfig(block_m=48).validate()
     with pytest.raises(ValueError, match="num_warps"):
         KernelConfig(num_warps=3).validate()
-    assert KernelConfig().validate().label() == "M128/N64/w4/s3"
+    assert KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3).validate().label() == "M128/N64/w4/s3"
+    assert KernelConfig(tma=True, lazy_rescale=True).label().endswith("/tma/lazy")
 
 
 @pytest.mark.slow

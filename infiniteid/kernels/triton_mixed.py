@@ -64,12 +64,14 @@ class KernelConfig:
 
     block_m: int = 128
     block_n: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 3
     reduce_block: int = 512
     #: load Q/K/V and store the output through tensor descriptors (the Hopper copy
     #: engine); needs 16-byte-aligned strides, else the kernel falls back to pointers
     tma: bool = False
+    #: rescale the accumulator only when a running max grows by more than 2^8
+    lazy_rescale: bool = False
 
     def validate(self) -> "KernelConfig":
         for name in ("block_m", "block_n", "reduce_block"):
@@ -83,17 +85,24 @@ class KernelConfig:
         return self
 
     def label(self) -> str:
-        return f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}" + ("/tma" if self.tma else "")
+        return (
+            f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+            + ("/tma" if self.tma else "") + ("/lazy" if self.lazy_rescale else "")
+        )
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """Tile config chosen from the GPU sweep (see benchmarks/results/)."""
+    """Tile config chosen from the GPU sweep (benchmarks/results/kernel_mixed_attention_*.md).
+
+    fp16/bf16, head dim 64: 128x64 tiles, 8 warps, 3 stages, pointer loads was the
+    fastest or within noise of it at every SDXL shape on an H200 (tensor
+    descriptors were 0-4% slower at 4096 tokens and, with their host-side set-up,
+    up to 2x slower at 1024). Head dim 128 was not measured: same tiles.
+    """
     if dtype == torch.float32:
         # IEEE fp32 dots need more registers per element: smaller tiles.
         return KernelConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if head_dim >= 128:
-        return KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    return KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    return KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
 
 
 def interpreting() -> bool:
@@ -110,12 +119,16 @@ def _flash_loop(
     k_src, v_src, row, h, stride_kn, stride_vn, n_keys,
     offs_n, offs_d,
     QK_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_N: tl.constexpr,
-    PREC: tl.constexpr, DOT_F32: tl.constexpr, TMA: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
 ):
     """Online-softmax loop over the keys/values of batch row ``row``, head ``h``; scores in log2 units.
 
     ``k_src``/``v_src`` are tensor descriptors (``TMA``; ``row``, ``h`` are coordinates)
     or pointers already offset to (row, head).
+
+    ``LAZY``: keep a row's running max until a tile's max exceeds it by more than
+    ``2^8`` (probabilities stay <= 256, exact after the final division), and skip
+    the rescaling of the accumulator when no row of the tile moved its max.
     """
     for start in range(0, n_keys, BLOCK_N):
         cols = start + offs_n
@@ -135,11 +148,19 @@ def _flash_loop(
         s = s * QK_SCALE
         if not EVEN_N:
             s = tl.where(cols[None, :] < n_keys, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_tile = tl.max(s, 1)
+        if LAZY:
+            m_new = tl.where(m_tile > m_i + 8.0, m_tile, m_i)
+        else:
+            m_new = tl.maximum(m_i, m_tile)
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if LAZY:
+            if tl.max(m_new - m_i, 0) > 0:
+                acc = acc * alpha[:, None]
+        else:
+            acc = acc * alpha[:, None]
         if TMA:
             v = v_src.load([row, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
         else:
@@ -163,7 +184,7 @@ def _mixed_attn_body(
     n_ctx, n_heads, pairs, n_splits, row, h, pid_m,
     QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MIXED: tl.constexpr, ADAIN: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    PREC: tl.constexpr, DOT_F32: tl.constexpr, TMA: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
 ):
     """One program: ``BLOCK_M`` queries of batch row ``row``, head ``h``.
 
@@ -212,7 +233,7 @@ def _mixed_attn_body(
     # 1. own keys: ID keys for an ID row, text keys for a text row
     acc, m_i, l_i = _flash_loop(
         acc, m_i, l_i, q, k_own, v_own, row, h, skn, svn, n_ctx,
-        offs_n, offs_d, QK_SCALE, BLOCK_N, HEAD_DIM, EVEN_N, PREC, DOT_F32, TMA,
+        offs_n, offs_d, QK_SCALE, BLOCK_N, HEAD_DIM, EVEN_N, PREC, DOT_F32, TMA, LAZY,
     )
     # every ID logit gets +q.dk: shifting the running max by it is the same thing
     m_i = m_i + bias2
@@ -223,7 +244,7 @@ def _mixed_attn_body(
         n_partner = tl.where(is_id, n_ctx, 0)
         acc, m_i, l_i = _flash_loop(
             acc, m_i, l_i, q, k_text, v_text, partner, h, skn, svn, n_partner,
-            offs_n, offs_d, QK_SCALE, BLOCK_N, HEAD_DIM, EVEN_N, PREC, DOT_F32, TMA,
+            offs_n, offs_d, QK_SCALE, BLOCK_N, HEAD_DIM, EVEN_N, PREC, DOT_F32, TMA, LAZY,
         )
     inv_l = 1.0 / l_i
     out = acc * inv_l[:, None]
@@ -248,7 +269,7 @@ def _mixed_attn_fwd(
     n_ctx, n_heads, pairs, n_splits,
     QK_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MIXED: tl.constexpr, ADAIN: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    PREC: tl.constexpr, DOT_F32: tl.constexpr, TMA: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
 ):
     """PyTorch-launched entry point: any strides (last dim contiguous), pointers or descriptors.
 
@@ -261,7 +282,7 @@ def _mixed_attn_fwd(
         Q, K, V, Delta, Out,
         sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
         n_ctx, n_heads, pairs, n_splits, row, tl.program_id(1), tl.program_id(0),
-        QK_SCALE, HEAD_DIM, BLOCK_M, BLOCK_N, MIXED, ADAIN, EVEN_M, EVEN_N, PREC, DOT_F32, TMA,
+        QK_SCALE, HEAD_DIM, BLOCK_M, BLOCK_N, MIXED, ADAIN, EVEN_M, EVEN_N, PREC, DOT_F32, TMA, LAZY,
     )
 
 
@@ -286,7 +307,7 @@ def mixed_attn_plugin_kernel(
         Q, K, V, Delta, Out,
         sob, soh, son, sob, soh, son, sob, soh, son, sob, soh, son,
         n_ctx, n_heads, pairs, 1, row, tl.program_id(1), tl.program_id(0),
-        QK_SCALE, HEAD_DIM, BLOCK_M, BLOCK_N, True, ADAIN, EVEN_M, EVEN_N, PREC, DOT_F32, False,
+        QK_SCALE, HEAD_DIM, BLOCK_M, BLOCK_N, True, ADAIN, EVEN_M, EVEN_N, PREC, DOT_F32, False, False,
     )
 
 
@@ -482,7 +503,7 @@ def mixed_attention_triton(
         n_ctx, heads, pairs, n_splits,
         QK_SCALE=scale * LOG2E, HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         MIXED=bool(mixed), ADAIN=fold, EVEN_M=n_ctx % cfg.block_m == 0, EVEN_N=n_ctx % cfg.block_n == 0,
-        PREC=dot_precision(q.dtype), DOT_F32=dot_in_f32(q.dtype), TMA=tma,
+        PREC=dot_precision(q.dtype), DOT_F32=dot_in_f32(q.dtype), TMA=tma, LAZY=cfg.lazy_rescale,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
