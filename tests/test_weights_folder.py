@@ -26,9 +26,13 @@ def test_from_pretrained_reproduces_the_model(folders):
     face = FaceInput(e / np.linalg.norm(e), rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
     req = [gen.GenerationRequest("a photo of a man", faces=[face], seed=1)]
     s = gen.BatchSettings(height=64, width=64, steps=3)
-    a = pipe.generate(req, s, progress=False).images[0]
-    b = loaded.generate(req, s, progress=False).images[0]
-    np.testing.assert_array_equal(a, b)
+    a = pipe.generate(req, s, progress=False)
+    b = loaded.generate(req, s, progress=False)
+    # Same weights, but CPU kernels may sum in another order for other memory
+    # alignment: latents agree to float rounding, pixels within one grey level.
+    la, lb = a.latents.numpy(), b.latents.numpy()
+    assert np.abs(la - lb).max() / np.abs(la).max() < 1e-5
+    assert np.abs(a.images[0].astype(int) - b.images[0].astype(int)).max() <= 1
 
 
 def test_missing_folders_are_clear_errors(folders, tmp_path):
