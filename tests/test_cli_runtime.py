@@ -126,13 +126,8 @@ def test_generate_reference_path_matches_bundle(bundle_dir, photo, face_models, 
     """``--base`` (PyTorch reference on real-layout weight folders) and ``--bundle`` agree within 2/255."""
     from infiniteid.model.pipeline import InfiniteIDPipeline
     from infiniteid.model.weights_folder import save_weight_folders
-    from infiniteid.runtime.loader import Bundle
-    from infiniteid.tokenize import PromptTokenizer
 
-    pipe = InfiniteIDPipeline.tiny(seed=0)
-    # the bundle's tokenizer files (the tiny tokenizer is trained per process; see test_runtime_parity)
-    pipe.c.tokenizer, pipe.c.tokenizer_2 = [PromptTokenizer.from_file(p) for p in Bundle.load(bundle_dir).tokenizer_paths()]
-    w = save_weight_folders(pipe.c, tmp_path / "weights")
+    w = save_weight_folders(InfiniteIDPipeline.tiny(seed=0).c, tmp_path / "weights")
     ref_png, rt_png = tmp_path / "ref.png", tmp_path / "rt.png"
     common = ["--face", str(photo), "--face-models", str(face_models), "--prompt", "a man in the snow",
               "--steps", "3", "--height", "64", "--width", "64", "--no-progress"]

@@ -18,7 +18,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 EPILOG = """\
 examples:
@@ -83,7 +83,7 @@ def register(subparsers: Any) -> None:
 
     r = p.add_argument_group("PyTorch reference (with --base)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
@@ -194,17 +194,15 @@ def _settings(args: argparse.Namespace, height: int, width: int):
 
 
 def _run_bundle(args: argparse.Namespace, request) -> int:
-    from .. import generation as gen
+    from ..cli import UserError
     from ..runtime import Runtime
+    from ..runtime.loader import Bundle
 
     opts: Dict[str, Any] = {}
     if args.threads is not None:
         if args.backend != "ort":
-            from ..cli import UserError
-
             raise UserError("--threads applies to the ort backend only")
         opts["intra_op_threads"] = args.threads
-    from ..runtime.loader import Bundle
 
     bundle = Bundle.load(args.bundle, verify_hashes=args.verify_hashes)
     rt = Runtime(bundle, backend=args.backend, face_models=args.face_models, **opts)

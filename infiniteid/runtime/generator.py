@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import generation as gen
 from ..bundle import BundleError
-from ..contract import ID_ENCODER, TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER
+from ..contract import ID_ENCODER, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER
 from ..imageproc import ClipImageConfig, clip_pixels
 from ..layout import BatchLayout, both_streams, merge_guidance, split_streams
 from ..tokenize import MAX_LENGTH, PromptTokenizer
