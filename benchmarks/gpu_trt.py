@@ -212,7 +212,7 @@ def bench_torch(args) -> Dict[str, Any]:
         e = torch.from_numpy(emb[None]).to("cuda", torch.float16)
         pix = torch.from_numpy(clip_pixels(crop, pipe.c.clip_image)[None]).to("cuda", torch.float16)
         stage_ms["id_encoder"] = cuda_ms(torch, lambda: pipe.c.id_encoder(e, pix), args.warmup, args.repeats)
-        cond = pipe._conditioning([req], settings, layout)
+        cond = pipe.conditioning([req], settings)
         x = torch.randn(layout.batch, 4, args.height // 8, args.width // 8, device="cuda", dtype=torch.float16)
         t = torch.tensor(500.0, device="cuda")
 

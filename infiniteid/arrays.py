@@ -24,3 +24,15 @@ def concat(xs: Sequence[T], axis: int = 0) -> T:
     if torch is None or not isinstance(xs[0], torch.Tensor):
         raise TypeError(f"expected numpy arrays or torch tensors, got {type(xs[0]).__name__}")
     return torch.cat(list(xs), dim=axis)
+
+
+def stack(xs: Sequence[T], axis: int = 0) -> T:
+    """Stack numpy arrays or torch tensors along a new ``axis``."""
+    if not len(xs):
+        raise ValueError("nothing to stack")
+    if isinstance(xs[0], np.ndarray):
+        return np.stack(list(xs), axis=axis)  # type: ignore[return-value]
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(xs[0], torch.Tensor):
+        raise TypeError(f"expected numpy arrays or torch tensors, got {type(xs[0]).__name__}")
+    return torch.stack(list(xs), dim=axis)

@@ -16,7 +16,8 @@ from typing import Any, Sequence, Tuple
 
 import numpy as np
 
-from .arrays import concat
+from .arrays import concat, stack
+from .layout import BatchLayout, both_streams, merge_guidance
 
 # SDXL's VAE maps 8x8 pixels to one latent; its latent has 4 channels.
 VAE_SCALE_FACTOR = 8
@@ -204,3 +205,40 @@ def describe(request: GenerationRequest) -> dict:
     d["faces"] = [f if isinstance(f, str) else type(f).__name__ for f in request.faces]
     return d
 
+
+
+def unet_conditioning(
+    requests: Sequence["GenerationRequest"],
+    settings: "BatchSettings",
+    prompt: Tuple[Any, Any],
+    negative: Any,
+    identities: Sequence[Tuple[Any, Any]],
+) -> dict:
+    """The U-Net inputs that stay fixed over the steps, in the batch layout.
+
+    Shared by the PyTorch reference (tensors) and the runtime (numpy arrays), so the
+    two cannot assemble a batch differently. ``prompt`` = (embeds, pooled) of the
+    prompts; ``negative`` = the same for the negative prompts, or None without CFG;
+    ``identities`` = one (c_id, uncond c_id) per request. ``time_ids`` and
+    ``id_scale`` come back as float32 numpy arrays; the rest in the inputs' type.
+    """
+    layout = BatchLayout(images=len(requests), cfg=settings.cfg)
+    embeds, pooled = prompt
+    if settings.cfg:
+        embeds, pooled = merge_guidance(negative[0], embeds), merge_guidance(negative[1], pooled)
+    counts = {c.shape[0] for c, _ in identities}
+    if len(counts) > 1:
+        raise InvalidRequest(
+            f"requests in one batch must have the same number of identity tokens, got {sorted(counts)}"
+            " (mixing a different number of faces); batch them separately"
+        )
+    c_id = stack([c for c, _ in identities])
+    id_embeds = merge_guidance(stack([u for _, u in identities]), c_id) if settings.cfg else c_id
+    time_ids = np.broadcast_to(sdxl_time_ids(settings.height, settings.width), (layout.batch, 6))
+    return {
+        "encoder_hidden_states": both_streams(embeds),
+        "text_embeds": both_streams(pooled),
+        "time_ids": np.ascontiguousarray(time_ids, dtype=np.float32),
+        "id_embeds": id_embeds,
+        "id_scale": id_scale_array(requests, settings.cfg),
+    }

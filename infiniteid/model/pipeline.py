@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import generation as gen
 from ..arrays import concat
 from ..imageproc import ClipImageConfig, clip_pixels
-from ..layout import BatchLayout, both_streams, guide, merge_guidance, split_streams, unet_batch
+from ..layout import BatchLayout, guide, split_streams, unet_batch
 from ..tokenize import PromptTokenizer
 from .id_encoder import IDEncoder
 from .processors import INFERENCE, KWARG, IDConditioning, install_processors
@@ -175,7 +175,7 @@ class InfiniteIDPipeline:
         if tuple(noise.shape) != gen.latent_shape(len(requests), h, w):
             raise gen.InvalidRequest(f"noise must have shape {gen.latent_shape(len(requests), h, w)}, got {noise.shape}")
 
-        cond = self._conditioning(requests, settings, layout)
+        cond = self.conditioning(requests, settings)
         scheduler = make_torch_scheduler(settings.scheduler, self.c.scheduler_config)
         scheduler.set_timesteps(settings.steps)
         n = torch.from_numpy(np.asarray(noise, dtype=np.float32)).to(self.device)
@@ -198,29 +198,19 @@ class InfiniteIDPipeline:
         text_images = self.decode(text_latents) if settings.return_text_stream else None
         return GenerationOutput(images=images, text_images=text_images, latents=latents)
 
-    def _conditioning(self, requests, settings: gen.BatchSettings, layout: BatchLayout) -> dict:
-        """U-Net inputs that stay fixed over the steps, in the batch layout."""
-        embeds, pooled = self.encode_prompts([r.prompt for r in requests])
-        if settings.cfg:
-            neg, neg_pooled = self.encode_negative([r.negative_prompt for r in requests])
-            embeds, pooled = merge_guidance(neg, embeds), merge_guidance(neg_pooled, pooled)
-        ids = [self.identity_tokens(r) for r in requests]
-        counts = {c.shape[0] for c, _ in ids}
-        if len(counts) > 1:
-            raise gen.InvalidRequest(
-                f"requests in one batch must have the same number of identity tokens, got {sorted(counts)}"
-                " (mixing a different number of faces); batch them separately"
-            )
-        c_id = torch.stack([c for c, _ in ids])
-        id_embeds = merge_guidance(torch.stack([u for _, u in ids]), c_id) if settings.cfg else c_id
-        time_ids = torch.from_numpy(gen.sdxl_time_ids(settings.height, settings.width)).expand(layout.batch, -1)
+    def conditioning(self, requests, settings: gen.BatchSettings) -> dict:
+        """U-Net inputs that stay fixed over the steps (assembled by :func:`gen.unet_conditioning`)."""
+        prompt = self.encode_prompts([r.prompt for r in requests])
+        negative = self.encode_negative([r.negative_prompt for r in requests]) if settings.cfg else None
+        f = gen.unet_conditioning(requests, settings, prompt, negative, [self.identity_tokens(r) for r in requests])
+        tensor = lambda x: torch.from_numpy(x).to(self.device, self.dtype)  # noqa: E731
         return {
-            "encoder_hidden_states": both_streams(embeds).to(self.dtype),
-            "text_embeds": both_streams(pooled).to(self.dtype),
-            "time_ids": time_ids.to(self.device, self.dtype),
+            "encoder_hidden_states": f["encoder_hidden_states"].to(self.dtype),
+            "text_embeds": f["text_embeds"].to(self.dtype),
+            "time_ids": tensor(f["time_ids"]),
             KWARG: IDConditioning(
-                id_embeds=id_embeds.to(self.dtype),
-                id_scale=torch.from_numpy(gen.id_scale_array(requests, settings.cfg)).to(self.device, self.dtype),
+                id_embeds=f["id_embeds"].to(self.dtype),
+                id_scale=tensor(f["id_scale"]),
                 mixed_attention=settings.mixed_attention,
                 adain=settings.adain,
                 mode=INFERENCE,

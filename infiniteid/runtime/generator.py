@@ -34,7 +34,7 @@ from .. import generation as gen
 from ..bundle import BundleError
 from ..contract import ID_ENCODER, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER
 from ..imageproc import ClipImageConfig, clip_pixels
-from ..layout import BatchLayout, both_streams, merge_guidance, split_streams
+from ..layout import BatchLayout, split_streams
 from ..tokenize import MAX_LENGTH, PromptTokenizer
 from .backend import Backend, DeviceLoop, make_backend
 from .loader import Bundle
@@ -264,31 +264,12 @@ class Runtime:
                     f"re-export with it {'on' if wanted else 'off'} to run this setting"
                 )
 
-    def conditioning(
-        self, requests: Sequence[gen.GenerationRequest], settings: gen.BatchSettings, layout: BatchLayout
-    ) -> Dict[str, np.ndarray]:
-        """U-Net inputs that stay fixed over the steps, in the batch layout."""
-        embeds, pooled = self.encode_prompts([r.prompt for r in requests])
-        if settings.cfg:
-            neg, neg_pooled = self.encode_negative([r.negative_prompt for r in requests])
-            embeds, pooled = merge_guidance(neg, embeds), merge_guidance(neg_pooled, pooled)
-        ids = [self.identity_tokens(r) for r in requests]
-        counts = {c.shape[0] for c, _ in ids}
-        if len(counts) > 1:
-            raise gen.InvalidRequest(
-                f"requests in one batch must have the same number of identity tokens, got {sorted(counts)}"
-                " (mixing a different number of faces); batch them separately"
-            )
-        c_id = np.stack([c for c, _ in ids])
-        id_embeds = merge_guidance(np.stack([u for _, u in ids]), c_id) if settings.cfg else c_id
-        time_ids = np.broadcast_to(gen.sdxl_time_ids(settings.height, settings.width), (layout.batch, 6))
-        return {
-            "encoder_hidden_states": both_streams(embeds).astype(np.float32),
-            "text_embeds": both_streams(pooled).astype(np.float32),
-            "time_ids": np.ascontiguousarray(time_ids, dtype=np.float32),
-            "id_embeds": id_embeds.astype(np.float32),
-            "id_scale": gen.id_scale_array(requests, settings.cfg),
-        }
+    def conditioning(self, requests: Sequence[gen.GenerationRequest], settings: gen.BatchSettings) -> Dict[str, np.ndarray]:
+        """U-Net inputs that stay fixed over the steps (assembled by :func:`gen.unet_conditioning`)."""
+        prompt = self.encode_prompts([r.prompt for r in requests])
+        negative = self.encode_negative([r.negative_prompt for r in requests]) if settings.cfg else None
+        feeds = gen.unet_conditioning(requests, settings, prompt, negative, [self.identity_tokens(r) for r in requests])
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
 
     def generate(
         self,
@@ -313,7 +294,7 @@ class Runtime:
 
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
-        feeds = self.conditioning(requests, settings, layout)
+        feeds = self.conditioning(requests, settings)
         timings["encode"] = time.perf_counter() - t0
 
         scheduler = make_scheduler(settings.scheduler, self.bundle.manifest.scheduler_config)
