@@ -14,25 +14,25 @@ import numpy as np
 T = TypeVar("T")
 
 
-def concat(xs: Sequence[T], axis: int = 0) -> T:
-    """Concatenate numpy arrays or torch tensors along ``axis``."""
+def _torch_for(xs: Sequence[T]):
+    """None for numpy arrays, the torch module for tensors; anything else is an error."""
     if not len(xs):
-        raise ValueError("nothing to concatenate")
+        raise ValueError("no arrays given")
     if isinstance(xs[0], np.ndarray):
-        return np.concatenate(list(xs), axis=axis)  # type: ignore[return-value]
+        return None
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(xs[0], torch.Tensor):
         raise TypeError(f"expected numpy arrays or torch tensors, got {type(xs[0]).__name__}")
-    return torch.cat(list(xs), dim=axis)
+    return torch
+
+
+def concat(xs: Sequence[T], axis: int = 0) -> T:
+    """Concatenate numpy arrays or torch tensors along ``axis``."""
+    torch = _torch_for(xs)
+    return np.concatenate(list(xs), axis=axis) if torch is None else torch.cat(list(xs), dim=axis)  # type: ignore[return-value]
 
 
 def stack(xs: Sequence[T], axis: int = 0) -> T:
     """Stack numpy arrays or torch tensors along a new ``axis``."""
-    if not len(xs):
-        raise ValueError("nothing to stack")
-    if isinstance(xs[0], np.ndarray):
-        return np.stack(list(xs), axis=axis)  # type: ignore[return-value]
-    torch = sys.modules.get("torch")
-    if torch is None or not isinstance(xs[0], torch.Tensor):
-        raise TypeError(f"expected numpy arrays or torch tensors, got {type(xs[0]).__name__}")
-    return torch.stack(list(xs), dim=axis)
+    torch = _torch_for(xs)
+    return np.stack(list(xs), axis=axis) if torch is None else torch.stack(list(xs), dim=axis)  # type: ignore[return-value]

@@ -1,7 +1,10 @@
 """``infiniteid export`` in process, through ``infiniteid.cli.main``."""
 from __future__ import annotations
 
+import json
 import os
+
+import numpy as np
 
 import pytest
 
@@ -122,3 +125,29 @@ def test_export_from_real_weight_folders(tmp_path, capsys):
     assert m.components["vae_decoder"].precision == "fp32"  # the VAE stays fp32 unless asked
     prompts = ["a photo of a man", ""]
     np.testing.assert_array_equal(PromptTokenizer.from_file(out / "tokenizer" / "tokenizer.json")(prompts), pipe.c.tokenizer(prompts))
+
+
+def test_attention_plugin_bundle_runs_on_the_runtime_like_the_plain_one(tmp_path_factory, capsys):
+    """``--attention-plugin``: the U-Net carries the custom node, onnxruntime runs it through
+    its function body, and a generation matches the plain bundle within 1/255."""
+    import onnx
+
+    from infiniteid import generation as gen
+    from infiniteid.runtime import FaceInput, Runtime
+    from trt_testutil import tiny_bundle
+
+    plain = tiny_bundle(tmp_path_factory)
+    out = tmp_path_factory.mktemp("plugin") / "bundle"
+    assert main(["export", "--tiny", "--attention-plugin", "--no-slim", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    unet = onnx.load(str(out / "onnx" / "unet.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MixedAttention" for n in unet.graph.node) > 0
+    assert json.loads((out / "manifest.json").read_text())["components"]["unet"]["options"]["attention_plugin"] is True
+
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal(512).astype(np.float32)
+    face = FaceInput(e / np.linalg.norm(e), rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    req = [gen.GenerationRequest("a photo of a man", faces=[face], seed=1)]
+    settings = gen.BatchSettings(height=64, width=64, steps=3)
+    a, b = (Runtime(x).generate(req, settings, progress=False).arrays[0].astype(int) for x in (out, plain))
+    assert np.abs(a - b).max() <= 1

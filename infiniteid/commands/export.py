@@ -56,6 +56,13 @@ def register(subparsers: Any) -> None:
     )
     g.add_argument("--no-mixed-attention", action="store_true", help="ablation: the ID stream attends to itself only")
     g.add_argument("--no-adain", action="store_true", help="ablation: mixed attention without the AdaIN-mean shift")
+    g.add_argument(
+        "--attention-plugin",
+        action="store_true",
+        help="emit mixed attention as one infiniteid::MixedAttention node (the TensorRT plugin of the Triton "
+        "kernel), with an ONNX function body so onnxruntime still runs it; off by default (not faster than "
+        "TensorRT's own attention fusion until measured on your GPU)",
+    )
     g.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (default 17)")
     g.add_argument("--no-slim", action="store_true", help="skip the onnxslim clean-up (constant folding, fusion)")
     s = p.add_argument_group("shape ranges (become the manifest's min/opt/max and TensorRT profiles)")
@@ -85,6 +92,7 @@ def options_from_args(args: argparse.Namespace):
         max_identities=args.max_identities,
         mixed_attention=not args.no_mixed_attention,
         adain=not args.no_adain,
+        attention_plugin=args.attention_plugin,
         opset=args.opset,
         slim=not args.no_slim,
     )
