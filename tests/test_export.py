@@ -24,7 +24,6 @@ sizes, other resolutions, and mixed identities (twice the tokens).
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -353,17 +352,7 @@ def test_resolution_defaults_follow_the_model():
     assert ExportOptions().resolve(16, 128).min_resolution == 64
 
 
-HAS_ONNX_OP = importlib.util.find_spec("infiniteid.kernels.onnx_op") is not None
-
-
-@pytest.mark.skipif(HAS_ONNX_OP, reason="infiniteid.kernels.onnx_op is installed")
-def test_attention_plugin_is_refused_without_the_custom_op(pipe, tmp_path):
-    with pytest.raises(InvalidRequest, match="attention_plugin needs infiniteid.kernels.onnx_op"):
-        export_component(pipe, "unet", tmp_path / "unet.onnx", ExportOptions(attention_plugin=True))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_ONNX_OP, reason="needs infiniteid.kernels.onnx_op (the custom node)")
 def test_attention_plugin_graph_runs_on_onnxruntime(pipe, graphs):
     path, spec = graphs("unet", attention_plugin=True)
     assert spec.options["attention_plugin"] is True
