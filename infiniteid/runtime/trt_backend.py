@@ -141,9 +141,7 @@ class TrtBackend:
         out = {}
         for cfg, name in ((True, STEP_CFG), (False, STEP_NOCFG)):
             if sidecar_path(self.folder, name).is_file():
-                spec = StepGraphSpec(cfg=cfg, noise_dtype=unet.tensor("noise_pred").dtype,
-                                     sample_dtype=unet.tensor("sample").dtype)
-                out[name] = step_graph_key(spec)
+                out[name] = step_graph_key(StepGraphSpec.for_unet(unet, cfg))
         return out
 
     def _load(self, sidecars: Dict[str, EngineSidecar]) -> None:

@@ -183,8 +183,7 @@ def plan_jobs(bundle_path: Path, manifest: Manifest, options: BuildOptions, plan
         unet = manifest.components[UNET]
         variants = [plan.cfg] if plan.mode == "static" else [True, False]
         for cfg in variants:
-            g = StepGraphSpec(cfg=cfg, noise_dtype=unet.tensor("noise_pred").dtype,
-                              sample_dtype=unet.tensor("sample").dtype)
+            g = StepGraphSpec.for_unet(unet, cfg)
             spec = step_tensor_specs(g, unet)
             jobs.append(EngineJob(g.name, spec, Path(spec.file), step_graph_key(g), spec.precision,
                                   component_profiles(spec, plan), step_graph=g))

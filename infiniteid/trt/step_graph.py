@@ -66,6 +66,11 @@ class StepGraphSpec:
             if getattr(self, k) not in _NP_DTYPES:
                 raise ValueError(f"{k} must be float32 or float16, got {getattr(self, k)!r}")
 
+    @classmethod
+    def for_unet(cls, unet: ComponentSpec, cfg: bool) -> "StepGraphSpec":
+        """The step graph that fits a bundle's U-Net component (its ``noise_pred``/``sample`` dtypes)."""
+        return cls(cfg=cfg, noise_dtype=unet.tensor("noise_pred").dtype, sample_dtype=unet.tensor("sample").dtype)
+
     @property
     def name(self) -> str:
         return step_component_name(self.cfg)
