@@ -84,14 +84,9 @@ def tiny_bundle(cache: Path, refresh: bool = False, progress: bool = True) -> Pa
         ) from None
     cache.mkdir(parents=True, exist_ok=True)
     print(f"exporting the tiny random-weight model to {target} (once)...")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLE_NAME}-", dir=cache))
-    try:
-        export_tiny_bundle(tmp / "bundle", seed=0, progress=progress)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp / "bundle", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if target.exists():  # our own cache entry, unusable or to be refreshed
+        shutil.rmtree(target)
+    export_tiny_bundle(target, seed=0, progress=progress)  # atomic: staged, then renamed into place
     return target
 
 

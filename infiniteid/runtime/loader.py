@@ -90,13 +90,8 @@ class Bundle:
         fm = self.manifest.face_models
         if not fm:
             return None
-        if isinstance(fm, str):
-            return Path(fm).expanduser()
-        for key in ("folder", "path", "root", "dir"):
-            if isinstance(fm.get(key), str) and fm[key]:
-                p = Path(fm[key]).expanduser()
-                return p if p.is_absolute() else self.path / p
-        return None
+        p = Path(fm["path"]).expanduser()  # the export writes {"path": folder, "files": {name: sha256}}
+        return p if p.is_absolute() else self.path / p
 
     def engine_dirs(self) -> List[Path]:
         """``engines/<gpu>-...-trt<ver>/`` folders present in the bundle (built on target machines)."""
