@@ -209,6 +209,36 @@ def write_manifest(bundle: Union[str, Path], manifest: Manifest) -> Path:
     return path
 
 
+# -- containment: a bundle names files inside its own folder, nothing else ------------------
+def inside_bundle(root: Union[str, Path], rel: Any, key: str, *, base: Optional[Path] = None,
+                  where: Optional[Union[str, Path]] = None) -> Path:
+    """The resolved path of ``rel`` if it lies inside the bundle folder ``root``; else a :class:`BundleError`.
+
+    The one containment check for every path a bundle names: manifest entries
+    (component files, external weights, tokenizers), the locations inside ONNX
+    files, engine folders, plans and sidecars. ``rel`` is taken relative to
+    ``base`` (default ``root``; an ONNX file's folder for its external data) and
+    must be a relative path that, with every symlink followed, stays inside
+    ``root``. Nothing is opened: only the path is resolved. ``key`` names the
+    entry in the message (e.g. ``components.unet.file``); ``where`` is the file
+    that names it (default ``root/manifest.json``).
+    """
+    root = Path(root).resolve()
+    where = where if where is not None else root / MANIFEST
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise BundleError(f"{where}: {key} must be a path relative to the bundle folder, got {rel!r}")
+    if Path(rel).is_absolute() or Path(rel).drive:
+        raise BundleError(f"{where}: {key} is the absolute path {rel!r}; a bundle may only name files inside "
+                          f"its own folder ({root}), so it is refused")
+    full = (Path(base) if base is not None else root).resolve() / rel
+    resolved = full.resolve()
+    if not resolved.is_relative_to(root):
+        named = key if key == rel else f"{key} = {rel!r}"
+        raise BundleError(f"{where}: {named} resolves to {resolved}, outside the bundle folder {root} "
+                          "(through '..' or a symlink); a bundle may only name files inside its folder, so it is refused")
+    return resolved
+
+
 def _check_size(path: Path, recorded: int, what: str) -> None:
     if recorded and path.stat().st_size != recorded:
         raise BundleError(
@@ -217,18 +247,36 @@ def _check_size(path: Path, recorded: int, what: str) -> None:
         )
 
 
+def manifest_paths(bundle: Union[str, Path], manifest: Manifest) -> Dict[str, Path]:
+    """Manifest key -> resolved path of every file the manifest names, each checked by :func:`inside_bundle`.
+
+    Keys: ``tokenizers[<i>]``, ``components.<name>.file``, ``components.<name>.external_data``.
+    The manifest's face-model folder is not a bundle file (see the runtime's rule for it).
+    """
+    out: Dict[str, Path] = {}
+    for i, rel in enumerate(manifest.tokenizers):
+        out[f"tokenizers[{i}]"] = inside_bundle(bundle, rel, f"tokenizers[{i}]")
+    for name, c in manifest.components.items():
+        out[f"components.{name}.file"] = inside_bundle(bundle, c.file, f"components.{name}.file")
+        if c.external_data:
+            key = f"components.{name}.external_data"
+            out[key] = inside_bundle(bundle, c.external_data, key)
+    return out
+
+
 def check_files(bundle: Union[str, Path], manifest: Manifest, verify_hashes: bool = False) -> None:
     """Every file the manifest names exists with its recorded size (and, optionally, hash)."""
     bundle = Path(bundle)
-    for rel in manifest.tokenizers:
-        if not (bundle / rel).is_file():
-            raise BundleError(f"{bundle / rel}: tokenizer file missing from the bundle")
+    paths = manifest_paths(bundle, manifest)  # every path first: nothing outside the bundle is touched
+    for i, rel in enumerate(manifest.tokenizers):
+        if not paths[f"tokenizers[{i}]"].is_file():
+            raise BundleError(f"{paths[f'tokenizers[{i}]']}: tokenizer file missing from the bundle")
     for c in manifest.components.values():
-        p = bundle / c.file
+        p = paths[f"components.{c.name}.file"]
         if not p.is_file():
             raise BundleError(f"{p}: ONNX file of component {c.name!r} missing from the bundle")
         _check_size(p, c.size, f"the ONNX file of component {c.name!r}")
-        data = bundle / c.external_data if c.external_data else None
+        data = paths.get(f"components.{c.name}.external_data")
         if data is not None:
             if not data.is_file():
                 raise BundleError(f"{data}: external weights of component {c.name!r} missing")

@@ -7,6 +7,9 @@ wrong, a bundle that
 * has no or an unreadable ``manifest.json``, or one of a format version this
   runtime does not read;
 * misses a component, a tokenizer or an ONNX / external-weights file;
+* names a file outside its folder (``..``, an absolute path, a symlink pointing
+  out), in the manifest or as an ONNX file's external-data location
+  (:func:`~infiniteid.bundle.inside_bundle`; checked before anything is opened);
 * names tensors that differ from the graph contract (:mod:`infiniteid.contract`);
 * holds an ONNX file that is truncated or not an ONNX model at all (checked by
   walking the protobuf structure, :mod:`infiniteid.runtime.onnx_file`, so the
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from ..bundle import ENGINES_DIR, BundleError, ComponentSpec, Manifest, check_files, read_manifest
+from ..bundle import BundleError, ComponentSpec, Manifest, check_files, inside_bundle, read_manifest
 from ..contract import COMPONENTS, contracts
 from .onnx_file import OnnxFileError, OnnxFileInfo, check_onnx_file
 
@@ -59,9 +62,9 @@ class Bundle:
                     )
         onnx: Dict[str, OnnxFileInfo] = {}
         for comp in COMPONENTS:
-            file = path / manifest.components[comp].file
+            file = inside_bundle(path, manifest.components[comp].file, f"components.{comp}.file")
             try:
-                onnx[comp] = check_onnx_file(file)
+                onnx[comp] = check_onnx_file(file, root=path)
             except OnnxFileError as e:
                 raise BundleError(f"{file}: ONNX file of component {comp!r} is unusable: it {e}") from None
             except OSError as e:
@@ -76,10 +79,10 @@ class Bundle:
             raise BundleError(f"{self.path}: the bundle has no component {name!r}") from None
 
     def onnx_path(self, name: str) -> Path:
-        return self.path / self.component(name).file
+        return inside_bundle(self.path, self.component(name).file, f"components.{name}.file")
 
     def tokenizer_paths(self) -> List[Path]:
-        return [self.path / rel for rel in self.manifest.tokenizers]
+        return [inside_bundle(self.path, rel, f"tokenizers[{i}]") for i, rel in enumerate(self.manifest.tokenizers)]
 
     @property
     def model(self) -> Dict[str, Any]:
@@ -94,9 +97,13 @@ class Bundle:
         return p if p.is_absolute() else self.path / p
 
     def engine_dirs(self) -> List[Path]:
-        """``engines/<gpu>-...-trt<ver>/`` folders present in the bundle (built on target machines)."""
-        root = self.path / ENGINES_DIR
-        return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        """``engines/<gpu>-...-trt<ver>/`` folders present in the bundle (built on target machines).
+
+        Each folder and every file in it must resolve inside the bundle (a :class:`BundleError` otherwise).
+        """
+        from ..trt.names import list_engine_folders  # torch- and TensorRT-free
+
+        return list_engine_folders(self.path)
 
     def unet_option(self, key: str, default: Any = None) -> Any:
         """An export option baked into the U-Net graph (e.g. which ablation switches it allows)."""

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..contract import COMPONENTS, UNET
 from ..trt import cuda
 from ..trt.engine_check import EngineMismatch, Target, build_command, find_engine_folder, load_sidecars
-from ..trt.names import EngineSidecar, plan_path, sidecar_path
+from ..trt.names import EngineSidecar, check_engine_folder, plan_path, sidecar_path
 from ..trt.runner import EngineRunner
 from ..trt.step_graph import STEP_CFG, STEP_NOCFG, StepGraphSpec, coefficient_table, first_sample, step_graph_key
 from .backend import BackendError, Feeds, Outputs
@@ -114,6 +114,8 @@ class TrtBackend:
         self.device = cuda.device_info(device)
         self.target = Target(self.device, str(trt.__version__))
         self.folder = Path(engine_dir).expanduser() if engine_dir else find_engine_folder(bundle.path, self.target)
+        if not engine_dir:  # a folder the bundle names: it and its files must not lead outside
+            self.folder = check_engine_folder(bundle.path, self.folder)
         comps = list(components or COMPONENTS)
         unknown = [c for c in comps if c not in COMPONENTS]
         if unknown:

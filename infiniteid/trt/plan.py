@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..bundle import ComponentSpec, Manifest
+from ..bundle import ComponentSpec, Manifest, inside_bundle
 from ..contract import COMPONENTS, UNET, VAE_DECODER
 from .engine_check import Target, build_command, component_digest, version_ok
 from .names import (
@@ -176,7 +176,7 @@ def plan_jobs(bundle_path: Path, manifest: Manifest, options: BuildOptions, plan
     jobs: List[EngineJob] = []
     for c in comps:
         spec = manifest.components[c]
-        path = Path(bundle_path) / spec.file
+        path = inside_bundle(bundle_path, spec.file, f"components.{c}.file")
         jobs.append(EngineJob(c, spec, path, component_digest(spec), spec.precision, component_profiles(spec, plan),
                               needs_plugin=needs_plugin(spec, path)))
     if options.step_graphs and (options.components is None or UNET in comps):
