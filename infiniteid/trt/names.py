@@ -99,7 +99,9 @@ class EngineSidecar:
     flags (precision, shapes, optimisation level, workspace...), enough to print
     the command that rebuilds the engine. ``onnx_sha256`` is the manifest's hash
     of the ONNX file the plan was built from (for generated graphs, such as the
-    step graph, the hash of the generated model).
+    step graph, the hash of the generated model). ``plan_sha256`` and
+    ``built_here`` let the runtime tell a plan built on this machine (which may
+    then carry host code without ``--trust-engine-code``, :mod:`.trust`).
     """
 
     component: str
@@ -116,6 +118,8 @@ class EngineSidecar:
     build_seconds: float
     created: str = field(default_factory=utc_now)
     io: List[Dict[str, Any]] = field(default_factory=list)  # name, mode, dtype as the engine reports them
+    plan_sha256: str = ""  # of the plan file as written
+    built_here: str = ""  # this machine's tag of plan_sha256 (:mod:`.trust`, :mod:`infiniteid.provenance`)
     format: str = SIDECAR_FORMAT
     format_version: int = SIDECAR_VERSION
 

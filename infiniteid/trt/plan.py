@@ -10,6 +10,7 @@ supplied by :mod:`.builder` (or by a test, which cannot run TensorRT).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from .names import (
 )
 from .profiles import ShapePlan, component_profiles
 from .step_graph import StepGraphSpec, make_step_model, step_graph_key, step_tensor_specs
+from .trust import built_here_tag
 
 PRECISIONS = ("fp32", "fp16")
 #: Components whose precision follows --precision; the VAE stays as exported (fp32 unless asked at export).
@@ -252,6 +254,7 @@ def run_build(
         seconds = time.perf_counter() - t0
         nbytes = built.nbytes
         write_atomic(plan_path(folder, job.name), lambda f: f.write(memoryview(built.data)))
+        plan_sha256 = hashlib.sha256(memoryview(built.data)).hexdigest()
         rel_onnx = str(job.onnx_path.relative_to(bundle_path)) if job.onnx_path.is_relative_to(bundle_path) \
             else str(job.onnx_path)
         write_sidecar(folder, EngineSidecar(
@@ -268,6 +271,8 @@ def run_build(
             build=flags,
             build_seconds=round(seconds, 3),
             io=built.io,
+            plan_sha256=plan_sha256,
+            built_here=built_here_tag(plan_sha256),
         ))
         report.built.append(job.name)
         report.seconds[job.name] = seconds
