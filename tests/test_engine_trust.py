@@ -174,3 +174,29 @@ def main_help(command: str) -> str:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     return sub.choices[command].format_help()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_backend_with_a_version_compatible_plan_from_elsewhere(tmp_path_factory, other_machine):
+    """On a GPU with TensorRT: built here it loads; as another machine it is refused; with the flag it loads."""
+    import shutil
+
+    from trt_testutil import tiny_bundle
+
+    from infiniteid.cli import main
+    from infiniteid.runtime.loader import Bundle
+    from infiniteid.runtime.trt_backend import TrtBackend
+
+    bundle = tmp_path_factory.mktemp("vc") / "bundle"
+    shutil.copytree(tiny_bundle(tmp_path_factory, "fp32"), bundle)
+    assert main(["build", str(bundle), "--version-compatible", "--components", "vae_decoder", "--no-step-graph",
+                 "--no-progress"]) == 0
+    with TrtBackend(Bundle.load(bundle), components=["vae_decoder"]) as be:
+        assert be.host_code_allowed == {"vae_decoder": True}
+    other_machine()
+    with pytest.raises(EngineCodeRefused, match="carries host code"):
+        TrtBackend(Bundle.load(bundle), components=["vae_decoder"])
+    with TrtBackend(Bundle.load(bundle), components=["vae_decoder"], trust_engine_code=True) as be:
+        assert be.host_code_allowed == {"vae_decoder": True}
