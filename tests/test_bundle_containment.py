@@ -262,3 +262,72 @@ def test_inspect_marks_paths_leading_out(world, capsys):
     unet_row = next(line for line in out.splitlines() if line.startswith("unet "))
     assert "REFUSED (outside the bundle)" in unet_row
     assert "REFUSED (leads outside the bundle)" in out
+
+
+# -- the manifest's face-model folder: a user path --------------------------------------------------
+@pytest.fixture
+def faces(tmp_path) -> Path:
+    folder = tmp_path / "antelopev2"
+    folder.mkdir()
+    (folder / "glintr100.onnx").write_bytes(b"arcface")
+    return folder
+
+
+def _with_faces(bundle: Path, record) -> Bundle:
+    _edit(bundle, lambda d: d.__setitem__("face_models", record))
+    return Bundle.load(bundle)
+
+
+def test_face_folder_recorded_by_an_export_here_is_followed(world, faces, monkeypatch, tmp_path):
+    from infiniteid import provenance
+    from infiniteid.bundle import tag_face_models
+
+    bundle, _ = world
+    record = tag_face_models({"path": str(faces), "files": {"glintr100.onnx": file_digest(faces / "glintr100.onnx")}})
+    b = _with_faces(bundle, record)
+    assert b.face_models_recorded_here() and b.face_models_folder() == faces
+    monkeypatch.setenv(provenance.KEY_ENV, str(tmp_path / "another-machine.key"))
+    assert not b.face_models_recorded_here()
+    with pytest.raises(BundleError, match="not recorded by an export on this machine"):
+        b.face_models_folder()
+
+
+@pytest.mark.parametrize("forgery", ["untagged", "tag of another folder"])
+def test_face_folder_from_elsewhere_needs_the_user(world, faces, forgery):
+    from infiniteid.bundle import tag_face_models
+
+    bundle, _ = world
+    record = {"path": str(faces), "files": {}}
+    if forgery == "tag of another folder":
+        record["recorded_here"] = tag_face_models({"path": "/somewhere/else", "files": {}})["recorded_here"]
+    b = _with_faces(bundle, record)
+    with pytest.raises(BundleError) as err:
+        b.face_models_folder()
+    msg = str(err.value)
+    assert "\n" not in msg and f"face_models.path = {str(faces)!r} is a folder outside the bundle" in msg
+    assert "--face-models DIR" in msg and "trust_face_models=True" in msg
+    assert b.face_models_folder(trust=True) == faces
+
+
+def test_relative_face_folder_stays_inside(world):
+    bundle, _ = world
+    (bundle / "faces").mkdir()
+    assert _with_faces(bundle, {"path": "faces", "files": {}}).face_models_folder() == (bundle / "faces").resolve()
+    with pytest.raises(BundleError, match=r"face_models.path = '../outside' resolves to .*outside the bundle"):
+        _with_faces(bundle, {"path": "../outside", "files": {}}).face_models_folder(trust=True)
+
+
+def test_inspect_says_whether_the_face_folder_is_followed(world, faces, capsys):
+    from infiniteid.bundle import tag_face_models
+    from infiniteid.cli import main
+
+    bundle, _ = world
+    _edit(bundle, lambda d: d.__setitem__("face_models", tag_face_models({"path": str(faces), "files": {}})))
+    assert main(["inspect", str(bundle)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("face models"))
+    assert str(faces) in line and "recorded by an export on this machine: used unless --face-models" in line
+    _edit(bundle, lambda d: d.__setitem__("face_models", {"path": str(faces), "files": {}}))
+    assert main(["inspect", str(bundle)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("face models"))
+    assert "not recorded on this machine: not used; pass --face-models" in line
+

@@ -214,7 +214,9 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
             raise UserError("--trust-engine-code applies to the trt backend only")
         opts["trust_engine_code"] = True
 
-    bundle = Bundle.load(args.bundle, verify_hashes=args.verify_hashes)
+    bundle = Bundle.load(args.bundle)
+    if args.verify_hashes:  # opt-in: one read of every file; the cost is printed
+        print(bundle.verify_hashes(progress=not args.no_progress), file=sys.stderr)
     rt = Runtime(bundle, backend=args.backend, face_models=args.face_models, **opts)
     try:
         settings = _settings(args, rt.default_height, rt.default_width)
@@ -229,7 +231,7 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
         "engine": "runtime",
         "bundle": str(Path(args.bundle).resolve()),
         "backend": backend_info,
-        "face_models": str(rt.face_models or bundle.face_models_folder() or ""),
+        "face_models": str(rt.face.folder),
         "seconds": round(seconds, 3),
         "timings": {k: round(v, 3) for k, v in out.timings.items()},
     })

@@ -67,6 +67,21 @@ def _bundle_file_size(bundle: Path, rel: Any, key: str) -> str:
         return "REFUSED (outside the bundle)"
 
 
+def _face_models_line(fm: Any) -> str:
+    """The manifest's face-model folder and whether the runtime follows it (a user path outside the bundle)."""
+    from ..bundle import face_models_recorded_here
+
+    if not fm:
+        return "(none referenced; pass --face-models)"
+    path = fm.get("path") if isinstance(fm, dict) else fm
+    files = ", ".join(sorted((fm.get("files") or {}) if isinstance(fm, dict) else {})) or "no files recorded"
+    if face_models_recorded_here(fm):
+        rule = "recorded by an export on this machine: used unless --face-models is given"
+    else:
+        rule = "not recorded on this machine: not used; pass --face-models DIR (or trust_face_models=True in Python)"
+    return f"{path} ({files}); a user folder outside the bundle, {rule}"
+
+
 def engines(bundle: Path) -> List[List[str]]:
     """One row per ``engines/<target>/<component>.plan``, with what its JSON sidecar says."""
     rows: List[List[str]] = []
@@ -106,8 +121,7 @@ def render(bundle: Path, manifest: Any) -> str:
     parts.append(f"model      {model}")
     res = ", ".join(f"{k}={v}" for k, v in sorted((m.resolution or {}).items()))
     parts.append(f"resolution {res}; max images per batch {m.max_images}")
-    fm = m.face_models
-    parts.append(f"face models {json.dumps(fm) if fm else '(none referenced; pass --face-models)'}")
+    parts.append(f"face models {_face_models_line(m.face_models)}")
 
     comp_rows = []
     for name, c in m.components.items():
