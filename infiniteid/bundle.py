@@ -264,7 +264,8 @@ def inside_bundle(root: Union[str, Path], rel: Any, key: str, *, base: Optional[
     if not resolved.is_relative_to(root):
         named = key if key == rel else f"{key} = {rel!r}"
         raise BundleError(f"{where}: {named} resolves to {resolved}, outside the bundle folder {root} "
-                          "(through '..' or a symlink); a bundle may only name files inside its folder, so it is refused")
+                          "(through '..' or a symlink); a bundle may only name files inside its folder, "
+                          "so it is refused")
     return resolved
 
 
@@ -335,7 +336,8 @@ class HashReport:
                 f"({self.gb_per_s:.2f} GB/s)")
 
 
-def verify_hashes_of(files: List[Tuple[Path, str, str]], on_bytes: Optional[Callable[[int], None]] = None) -> HashReport:
+def verify_hashes_of(files: List[Tuple[Path, str, str]],
+                     on_bytes: Optional[Callable[[int], None]] = None) -> HashReport:
     """Hash ``(path, expected sha256, where it is recorded)`` triples; a :class:`BundleError` names the first
     that differs."""
     t0 = time.perf_counter()

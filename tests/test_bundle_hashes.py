@@ -27,8 +27,8 @@ def copy(pristine, tmp_path) -> Path:
 def _recorded(bundle: Path):
     """The files the manifest records a hash for: five graphs and the VAE decoder's external weights."""
     files = sorted((bundle / "onnx").iterdir())
-    assert [f.name for f in files] == sorted([f"{c}.onnx" for c in ("text_encoder", "text_encoder_2", "id_encoder",
-                                                                     "unet", "vae_decoder")] + ["vae_decoder.onnx.data"])
+    graphs = ("text_encoder", "text_encoder_2", "id_encoder", "unet", "vae_decoder")
+    assert [f.name for f in files] == sorted([f"{c}.onnx" for c in graphs] + ["vae_decoder.onnx.data"])
     return files
 
 

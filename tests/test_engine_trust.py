@@ -153,7 +153,8 @@ def test_no_key_means_nothing_was_built_here(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bundle", "b", "--backend", "ort", "--trust-engine-code"], "--trust-engine-code applies to the trt backend only"),
+    (["--bundle", "b", "--backend", "ort", "--trust-engine-code"],
+     "--trust-engine-code applies to the trt backend only"),
     (["--base", "sdxl", "--image-encoder", "clip", "--adapter", "a.safetensors", "--face-models", "m",
       "--trust-engine-code"], "--trust-engine-code only apply with --bundle"),
 ])
