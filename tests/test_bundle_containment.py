@@ -331,3 +331,17 @@ def test_inspect_says_whether_the_face_folder_is_followed(world, faces, capsys):
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("face models"))
     assert "not recorded on this machine: not used; pass --face-models" in line
 
+
+
+def test_build_writes_nothing_through_a_symlink_leading_out(world):
+    from infiniteid.trt.engine_check import Target
+    from infiniteid.trt.names import DeviceInfo
+    from infiniteid.trt.plan import BuildOptions, BuiltPlan, run_build
+
+    bundle, outside = world
+    os.symlink(outside, bundle / "engines")
+    with pytest.raises(BundleError, match=r"engines/nvidia-h100-80gb-hbm3-sm90-trt11.4.0.106 resolves to .*outside"):
+        run_build(bundle, Bundle.load(bundle).manifest, BuildOptions(components=["unet"], step_graphs=False),
+                  Target(DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0)), "11.4.0.106"),
+                  lambda job, folder: BuiltPlan(data=b"plan"), progress=False)
+    assert list(outside.iterdir()) == []

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..bundle import ComponentSpec, Manifest, inside_bundle
+from ..bundle import ENGINES_DIR, ComponentSpec, Manifest, inside_bundle
 from ..contract import COMPONENTS, UNET, VAE_DECODER
 from .engine_check import Target, build_command, component_digest, version_ok
 from .names import (
@@ -26,6 +26,7 @@ from .names import (
     EngineError,
     EngineSidecar,
     Profile,
+    check_engine_folder,
     engine_folder,
     plan_path,
     profiles_to_json,
@@ -238,7 +239,9 @@ def run_build(
     plan = options.shape_plan(manifest)
     jobs = plan_jobs(bundle_path, manifest, options, plan)
     folder = engine_folder(bundle_path, target.device, target.trt_version)
+    inside_bundle(bundle_path, f"{ENGINES_DIR}/{folder.name}", f"{ENGINES_DIR}/{folder.name}", where=bundle_path)
     folder.mkdir(parents=True, exist_ok=True)
+    check_engine_folder(bundle_path, folder)  # nothing written or read through a symlink leading out
     flags = options.flags(plan)
     report = BuildReport(folder=folder)
     bar = tqdm(jobs, desc="engines", unit="engine", disable=not progress)
