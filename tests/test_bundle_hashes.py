@@ -70,6 +70,11 @@ def test_engine_plans_are_verified_against_their_sidecars(copy):
     with_plans = b.verify_hashes(engine_folder=folder)
     assert with_plans.files == plain.files + 2
     assert with_plans.bytes == plain.bytes + 100 * (len(b"plan of unet") + len(b"plan of vae_decoder"))
+    # a sidecar cannot point the verification at another file
+    side = folder / "unet.json"
+    side.write_text(side.read_text().replace('"component": "unet"', '"component": "../../../outside"'))
+    assert b.verify_hashes(engine_folder=folder).files == plain.files + 1
+    side.write_text(side.read_text().replace('"component": "../../../outside"', '"component": "unet"'))
     plan_path(folder, "unet").write_bytes(b"plan of unex" * 100)  # same size, other bytes
     with pytest.raises(BundleError, match=r"unet\.plan: sha256 differs from the engine sidecar"):
         b.verify_hashes(engine_folder=folder)

@@ -108,8 +108,8 @@ class Bundle:
                     sc = read_sidecar(side)
                 except EngineError:
                     continue  # not a sidecar; the backend refuses broken ones with its own message
-                if sc.plan_sha256:
-                    files.append((plan_path(folder, sc.component), sc.plan_sha256, "engine sidecar"))
+                if sc.plan_sha256 and sc.component == side.stem:  # the plan next to it, never a name it gives
+                    files.append((plan_path(folder, side.stem), sc.plan_sha256, "engine sidecar"))
         total = sum(p.stat().st_size for p, _, _ in files)
         with tqdm(total=total, unit="B", unit_scale=True, desc="verifying hashes", disable=not progress,
                   leave=False) as bar:
