@@ -29,6 +29,9 @@ examples:
   # the same on TensorRT engines built with 'infiniteid build'
   infiniteid generate --bundle out/bundle --backend trt --face me.jpg --prompt "an astronaut" --out a.png
 
+  # version-compatible engines built on another machine carry host code: run them only if you trust the builder
+  infiniteid generate --bundle theirs/ --backend trt --trust-engine-code --face me.jpg --prompt "a portrait" --out p.png
+
   # the PyTorch reference on real weights; two --face mix identities
   infiniteid generate --base sdxl-base-1.0 --image-encoder clip-vit-h --adapter infiniteid.safetensors \\
       --face-models antelopev2 --face a.jpg --face b.jpg --prompt "a portrait" --out mix.png
@@ -80,6 +83,9 @@ def register(subparsers: Any) -> None:
     b.add_argument("--backend", choices=("ort", "trt"), default="ort", help="onnxruntime (default) or TensorRT")
     b.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads (default: all CPUs)")
     b.add_argument("--verify-hashes", action="store_true", help="check every bundle file's sha256 against the manifest")
+    b.add_argument("--trust-engine-code", action="store_true",
+                   help="with --backend trt: let TensorRT run host code carried by plans not built on this machine "
+                        "(version-compatible plans embed a lean runtime library); only for bundles you trust")
 
     r = p.add_argument_group("PyTorch reference (with --base)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -172,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--base needs --image-encoder DIR and --adapter FILE as well")
     if args.face_models is None:
         raise UserError("--base needs --face-models DIR (the insightface folder) to read the face photo")
-    if args.backend != "ort" or args.threads is not None or args.verify_hashes:
-        raise UserError("--backend, --threads and --verify-hashes only apply with --bundle")
+    if args.backend != "ort" or args.threads is not None or args.verify_hashes or args.trust_engine_code:
+        raise UserError("--backend, --threads, --verify-hashes and --trust-engine-code only apply with --bundle")
     return _run_reference(args, request)
 
 
@@ -203,8 +209,14 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
         if args.backend != "ort":
             raise UserError("--threads applies to the ort backend only")
         opts["intra_op_threads"] = args.threads
+    if args.trust_engine_code:
+        if args.backend != "trt":
+            raise UserError("--trust-engine-code applies to the trt backend only")
+        opts["trust_engine_code"] = True
 
-    bundle = Bundle.load(args.bundle, verify_hashes=args.verify_hashes)
+    bundle = Bundle.load(args.bundle)
+    if args.verify_hashes:  # opt-in: one read of every file; the cost is printed
+        print(bundle.verify_hashes(progress=not args.no_progress), file=sys.stderr)
     rt = Runtime(bundle, backend=args.backend, face_models=args.face_models, **opts)
     try:
         settings = _settings(args, rt.default_height, rt.default_width)
@@ -219,7 +231,7 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
         "engine": "runtime",
         "bundle": str(Path(args.bundle).resolve()),
         "backend": backend_info,
-        "face_models": str(rt.face_models or bundle.face_models_folder() or ""),
+        "face_models": str(rt.face.folder),
         "seconds": round(seconds, 3),
         "timings": {k: round(v, 3) for k, v in out.timings.items()},
     })
