@@ -146,3 +146,162 @@ def test_bundle_with_loras_equals_diffusers_with_them_loaded(bundle, weights):
             assert np.abs(plain - theirs).max() > 20  # the LoRAs matter: a dropped one could not pass
     finally:
         rt.close()
+
+
+@pytest.mark.slow
+def test_reference_with_loras_matches_the_bundle(bundle, weights, tmp_path):
+    """``generate --base --lora`` (the PyTorch reference, LoRAs fused the same way) and
+    ``generate --bundle`` on the LoRA bundle agree within 2/255 (the runtime's bound)."""
+    from PIL import Image
+
+    from infiniteid.commands.demo import demo_face
+
+    w, a, b, faces = weights
+    photo = tmp_path / "face.png"
+    demo_face().save(photo)
+    common = ["--face", str(photo), "--face-models", str(faces), "--prompt", PROMPT, "--steps", "4", "--guidance", "1",
+              "--height", "64", "--width", "64", "--no-progress"]
+    ref_png, rt_png = tmp_path / "ref.png", tmp_path / "rt.png"
+    assert main(["generate", "--base", str(w.base), "--image-encoder", str(w.image_encoder), "--adapter", str(w.adapter),
+                 "--lora", f"{a}:{SCALE_A}", "--lora", str(b), "--scheduler-config", "trailing",
+                 "--out", str(ref_png), *common]) == 0
+    assert main(["generate", "--bundle", str(bundle), "--out", str(rt_png), *common]) == 0
+    ref, ours = (np.asarray(Image.open(p)).astype(int) for p in (ref_png, rt_png))
+    assert np.abs(ref - ours).max() <= 2
+    side = json.loads(ref_png.with_suffix(".json").read_text())["source"]
+    assert [(x["file"], x["scale"]) for x in side["loras"]] == [(a.name, SCALE_A), (b.name, 1.0)]
+    assert side["scheduler_override"] == {"timestep_spacing": "trailing"}
+
+
+# -- files that do not fit: one line, before any export work -------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    from infiniteid.model.loading import tiny_components
+
+    return tiny_components(0)
+
+
+def bad_lora(kind: str, tiny, folder):
+    if kind == "sd15":  # cross-attention keys and values of width 768, as SD 1.5 LoRAs have
+        sd = kohya_lora(tiny.unet, seed=3)
+        for k in [k for k in sd if k.endswith(("attn2_to_k.lora_down.weight", "attn2_to_v.lora_down.weight"))]:
+            sd[k] = torch.randn(sd[k].shape[0], 768)
+        return save_lora(sd, folder / "sd15_style.safetensors")
+    if kind == "blocks":  # a deeper U-Net's blocks
+        sd = peft_lora(tiny.unet, seed=3)
+        name = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q"
+        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = torch.randn(4, 128), torch.randn(128, 4)
+        return save_lora(sd, folder / "deeper.safetensors")
+    if kind == "layout":  # an IP-Adapter file, not a LoRA
+        sd = {"image_proj.proj.weight": torch.randn(8, 8), "ip_adapter.1.to_k_ip.weight": torch.randn(8, 8)}
+        return save_lora(sd, folder / "ip_adapter.safetensors")
+    if kind == "truncated":
+        p = save_lora(peft_lora(tiny.unet, seed=3), folder / "cut.safetensors")
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        return p
+    if kind == "missing":
+        return folder / "nowhere.safetensors"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("sd15", "sd15_style.safetensors: a LoRA for another model: 16 of "),
+        ("blocks", "'down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q' is not in it"),
+        ("layout", "ip_adapter.safetensors: unknown key layout (2 of 2 keys, e.g. 'image_proj.proj.weight'"),
+        ("truncated", "cut.safetensors is not a readable .safetensors file (truncated or corrupt?)"),
+        ("missing", "--lora: LoRA file not found: "),
+    ],
+)
+def test_a_lora_that_does_not_fit_is_one_line_before_any_export(kind, message, tiny, tmp_path, capsys):
+    lora = bad_lora(kind, tiny, tmp_path)
+    out = tmp_path / "bundle"
+    assert main(["export", "--tiny", "--lora", str(lora), "--out", str(out), "--no-progress"]) == 1
+    err = one_line_error(capsys)
+    assert message in err
+    if kind == "sd15":
+        assert "maps 768 -> 64 features, the layer 64 -> 64" in err and "is it made for this base model?" in err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".bundle")]
+
+
+def test_a_bad_file_in_the_list_leaves_the_weights_untouched(tiny, tmp_path):
+    from infiniteid.model.loading import tiny_components
+    from infiniteid.model.lora import LoraError, LoraSpec, fuse_loras
+
+    c = tiny_components(0)
+    good = save_lora(peft_lora(c.unet, seed=1), tmp_path / "good.safetensors")
+    bad = bad_lora("sd15", tiny, tmp_path)
+    with pytest.raises(LoraError, match="a LoRA for another model"):
+        fuse_loras(c, [LoraSpec(good), LoraSpec(bad)])
+    for k, v in tiny.unet.state_dict().items():
+        assert torch.equal(c.unet.state_dict()[k], v), k
+    assert c.loras == []
+
+
+def test_pickled_lora_fuses_like_its_safetensors_twin(tiny, tmp_path):
+    """A kohya ``.bin`` goes through the weights-only unpickler and fuses bit for bit like the
+    same tensors in ``.safetensors``; a pickle that would run code is refused unrun."""
+    from infiniteid.model.loading import tiny_components
+    from infiniteid.model.lora import LoraError, LoraSpec, fuse_loras
+
+    sd = kohya_lora(tiny.unet, seed=4, text_encoders=(tiny.text_encoder,))
+    fused = []
+    for path in (save_lora(sd, tmp_path / "k.safetensors"), save_lora(sd, tmp_path / "k.bin")):
+        c = tiny_components(0)
+        (rec,) = fuse_loras(c, [LoraSpec(path, 0.5)])
+        assert rec.components == ["unet", "text_encoder"] and rec.sha256 == file_digest(path)
+        fused.append({**c.unet.state_dict(), **{f"te.{k}": v for k, v in c.text_encoder.state_dict().items()}})
+    changed = [k for k in fused[0] if not torch.equal(fused[0][k], {**tiny.unet.state_dict(), **{f"te.{k}": v for k, v in tiny.text_encoder.state_dict().items()}}[k])]
+    assert len(changed) >= len(target_layers(tiny.unet)) + 18
+    for k in fused[0]:
+        assert torch.equal(fused[0][k], fused[1][k]), k
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.bin"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(1), "x": Payload()}, str(evil))
+    with pytest.raises(LoraError, match="refused by the safe unpickler"):
+        fuse_loras(tiny_components(0), [LoraSpec(evil)])
+
+
+@pytest.mark.parametrize(
+    "text, path, scale",
+    [("style.safetensors", "style.safetensors", 1.0), ("style.safetensors:0.8", "style.safetensors", 0.8),
+     ("loras/a:b.safetensors", "loras/a:b.safetensors", 1.0), ("C:\\loras\\x.safetensors:-1", "C:\\loras\\x.safetensors", -1.0)],
+)
+def test_lora_argument_parsing(text, path, scale):
+    from pathlib import Path
+
+    from infiniteid.model.lora import LoraSpec
+
+    assert LoraSpec.parse(text) == LoraSpec(Path(path), scale)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("sideways", "--scheduler-config: 'sideways' is neither a timestep spacing (trailing, leading, linspace) nor a file"),
+        ('{"timestep_spacing": "uniform"}', "--scheduler-config: unsupported timestep_spacing 'uniform'"),
+        ('{"steps_offset": "one"}', "--scheduler-config: steps_offset must be int, got 'one'"),
+        ("[1, 2]", "must hold a JSON object of scheduler config keys"),
+        ("{oops", "is not valid JSON"),
+    ],
+)
+def test_bad_scheduler_config_is_one_line(value, message, tmp_path, capsys):
+    arg = value
+    if value.startswith(("{", "[")):
+        arg = str(tmp_path / "scheduler_config.json")
+        (tmp_path / "scheduler_config.json").write_text(value)
+    assert main(["export", "--tiny", "--scheduler-config", arg, "--out", str(tmp_path / "b"), "--no-progress"]) == 1
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "b").exists()
+
+
+def test_generate_with_a_bundle_refuses_lora(tmp_path, capsys):
+    (tmp_path / "f.png").write_bytes(b"")
+    args = ["generate", "--bundle", str(tmp_path), "--face", str(tmp_path / "f.png"), "--prompt", "p", "--out", str(tmp_path / "o.png")]
+    assert main(args + ["--lora", "x.safetensors"]) == 1
+    assert "--lora only applies with --base; a bundle has its LoRAs fused at export" in one_line_error(capsys, "generate")
