@@ -117,7 +117,17 @@ def test_manifest_lists_each_lora_with_sha256_and_scale(bundle, weights):
     assert m.scheduler_config["timestep_spacing"] == "trailing" and m.scheduler_config["beta_schedule"] == "scaled_linear"
 
 
+def test_inspect_shows_the_loras(bundle, weights, capsys):
+    _, a, b, _ = weights
+    assert main(["inspect", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "LoRAs fused at export" in out and "(set at export over the base's: timestep_spacing=trailing)" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith((a.name, b.name))]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [(a.name, "0.7", file_digest(a)[:12]), (b.name, "1", file_digest(b)[:12])]
+
+
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")  # the oracle holds two adapters at once
 def test_bundle_with_loras_equals_diffusers_with_them_loaded(bundle, weights):
     """Few-step fast path (guidance 1: half the batch) and CFG 5: the runtime's text stream
     equals diffusers' SDXL pipeline with the two LoRAs loaded, within 1/255."""

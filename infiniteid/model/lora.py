@@ -24,6 +24,7 @@ Needs ``peft`` (diffusers' LoRA backend; in the ``export`` extra).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -107,11 +108,12 @@ def fuse_loras(components: Any, loras: Sequence[LoraSpec]) -> List[FusedLora]:
     records = []
     for i, (spec, source, layers) in enumerate(checked):
         name = f"lora{i}"
+        touched = [c for c in LORA_COMPONENTS if layers.get(c)]
         try:
-            pipe.load_lora_weights(source, adapter_name=name, local_files_only=True)
-            touched = [c for c in LORA_COMPONENTS if layers.get(c)]
-            pipe.fuse_lora(components=touched, lora_scale=spec.scale, adapter_names=[name])
-            pipe.unload_lora_weights()
+            with _quiet_diffusers():  # it warns about every component a file has no layers for
+                pipe.load_lora_weights(source, adapter_name=name, local_files_only=True)
+                pipe.fuse_lora(components=touched, lora_scale=spec.scale, adapter_names=[name])
+                pipe.unload_lora_weights()
         except (RuntimeError, ValueError, KeyError) as e:
             raise LoraError(f"{spec.path}: diffusers could not load this LoRA into the model ({_first_line(e)})") from None
         from ..bundle import file_digest
@@ -261,6 +263,18 @@ def _lora_pipeline(components: Any):
         scheduler=None,
         add_watermarker=False,
     )
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
 
 
 def _first_line(e: BaseException) -> str:
