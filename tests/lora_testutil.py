@@ -4,7 +4,9 @@
   (rank, in) and ``.lora_B.weight`` (out, rank), ``text_encoder.text_model.<module>...``;
 * ``kohya``: sd-scripts / A1111 files: ``lora_unet_<module_with_underscores>.lora_down.weight``,
   ``.lora_up.weight`` and a scalar ``.alpha`` (delta = up @ down * alpha / rank);
-  ``lora_te1_text_model_...`` and ``lora_te2_text_model_...`` for the text encoders.
+  ``lora_te1_text_model_...`` and ``lora_te2_text_model_...`` for the text encoders. U-Net
+  modules named as diffusers names them, or (``sgm=True``) in the original SGM U-Net's
+  numbering that kohya's SDXL trainer writes (``lora_unet_input_blocks_3_1_...``).
 
 Layers adapted: every attention projection, feed-forward and ``proj_in``/``proj_out``
 Linear of the U-Net's transformer blocks, one resnet convolution (a 3x3 Conv2d LoRA),
@@ -12,6 +14,7 @@ and every attention and MLP Linear of the text encoders.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -66,9 +69,28 @@ def peft_lora(unet: nn.Module, *, seed: int, rank: int = 4, amplitude: float = 0
     return sd
 
 
+def sgm_name(name: str, layers_per_block: int) -> str:
+    """A diffusers U-Net module name in the original SGM U-Net's numbering, which kohya's
+    sd-scripts uses for SDXL (``input_blocks.3.1...`` for ``down_blocks.1.attentions.0...``)."""
+    per = layers_per_block + 1
+    m = re.match(r"down_blocks\.(\d+)\.(attentions|resnets)\.(\d+)\.(.*)", name)
+    if m:
+        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        rest = {"conv1": "in_layers.2", "conv2": "out_layers.3"}.get(rest, rest)
+        return f"input_blocks.{1 + b * per + j}.{1 if kind == 'attentions' else 0}.{rest}"
+    m = re.match(r"mid_block\.attentions\.0\.(.*)", name)
+    if m:
+        return f"middle_block.1.{m[1]}"
+    m = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
+    if m:
+        return f"output_blocks.{int(m[1]) * per + int(m[2])}.1.{m[3]}"
+    raise ValueError(f"no SGM name for {name}")
+
+
 def kohya_lora(unet: nn.Module, *, seed: int, rank: int = 4, alpha: float = 2.0, amplitude: float = 0.5,
-               text_encoders: Tuple[nn.Module, ...] = ()) -> Dict[str, torch.Tensor]:
-    """A LoRA in the kohya layout (``alpha`` != rank, so the alpha scaling is exercised)."""
+               text_encoders: Tuple[nn.Module, ...] = (), sgm: bool = False) -> Dict[str, torch.Tensor]:
+    """A LoRA in the kohya layout (``alpha`` != rank, so the alpha scaling is exercised);
+    ``sgm``: U-Net keys in the SGM numbering of kohya's SDXL trainer, else in diffusers' names."""
     g = torch.Generator().manual_seed(seed)
     sd: Dict[str, torch.Tensor] = {}
     boost = rank / alpha  # keep the delta's size independent of alpha
@@ -79,7 +101,7 @@ def kohya_lora(unet: nn.Module, *, seed: int, rank: int = 4, alpha: float = 2.0,
         sd[f"{key}.alpha"] = torch.tensor(float(alpha))
 
     for name, m in target_layers(unet):
-        put("lora_unet_" + name.replace(".", "_"), m)
+        put("lora_unet_" + (sgm_name(name, unet.config.layers_per_block) if sgm else name).replace(".", "_"), m)
     for prefix, te in zip(("lora_te1_", "lora_te2_"), text_encoders):
         for name, m in te.named_modules():
             if name.endswith(TEXT_LAYERS):

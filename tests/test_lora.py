@@ -1,15 +1,17 @@
 """LoRAs fused at export (``infiniteid export --lora``), with diffusers as the oracle.
 
-The tiny model is written in the SDXL folder layout; two seeded LoRA files sized for
-it are written in the layouts SDXL LoRAs are published in (diffusers/peft keys at
-scale 0.7, and kohya keys with ``alpha`` != rank covering both text encoders). The
-bundle exported with both fused (and the few-step scheduler override ``trailing``)
-is run by the torch-free runtime; its text stream is plain SDXL, so it must equal
-diffusers' own ``StableDiffusionXLPipeline`` built from the same folder with the same
-two files loaded by ``load_lora_weights`` and weighted by ``set_adapters`` (LoRA
-layers applied at run time, not fused: an independent path). Bound: 1/255 per pixel;
-the runtime holds the reference within 1/255 without LoRAs (README), and the LoRAs
-move the image by far more than that (checked).
+The tiny model is written in the SDXL folder layout; three seeded LoRA files sized
+for it are written in the layouts SDXL LoRAs are published in: diffusers/peft keys
+(U-Net and first text encoder, scale 0.7), kohya keys in diffusers' module names
+with ``alpha`` != rank (U-Net and both text encoders, 1.0), and kohya keys in the
+SGM numbering kohya's SDXL trainer writes (U-Net, -0.5). The bundle exported with
+all three fused (and the few-step scheduler override ``trailing``) is run by the
+torch-free runtime; its text stream is plain SDXL, so it must equal diffusers' own
+``StableDiffusionXLPipeline`` built from the same folder with the same files loaded
+by ``load_lora_weights`` and weighted by ``set_adapters`` (LoRA layers applied at
+run time, not fused: an independent path). Bound: 1/255 per pixel, the runtime's
+measured agreement with the reference without LoRAs (README); the LoRAs move the
+image by far more than that (checked), and fusing one file at the wrong scale fails it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from infiniteid import generation as gen
 from infiniteid.bundle import file_digest, read_manifest
@@ -29,6 +32,7 @@ H = W = 64
 STEPS = 4
 PROMPT = "a photo of a woman wearing a red hat in the snow"
 SCALE_A = 0.7
+SCALE_SGM = -0.5
 
 
 def one_line_error(capsys, command: str = "export") -> str:
@@ -51,17 +55,19 @@ def weights(tmp_path_factory):
     tes = (c.text_encoder, c.text_encoder_2)
     a = save_lora(peft_lora(c.unet, seed=1, text_encoders=tes[:1]), root / "loras" / "style_peft.safetensors")
     b = save_lora(kohya_lora(c.unet, seed=2, text_encoders=tes), root / "loras" / "fast_kohya.safetensors")
+    sgm = save_lora(kohya_lora(c.unet, seed=3, sgm=True), root / "loras" / "kohya_sgm.safetensors")
+    assert any(k.startswith("lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q") for k in load_file(sgm))
     faces = write_synthetic_face_models(root / "faces", seed=0)
-    return w, a, b, faces
+    return w, a, b, sgm, faces
 
 
 @pytest.fixture(scope="module")
 def bundle(weights, tmp_path_factory):
-    w, a, b, faces = weights
+    w, a, b, sgm, faces = weights
     out = tmp_path_factory.mktemp("lora-bundle") / "bundle"
     args = ["export", "--base", str(w.base), "--image-encoder", str(w.image_encoder), "--adapter", str(w.adapter),
             "--face-models", str(faces), "--out", str(out), "--no-progress", "--no-slim", "--max-batch", "1",
-            "--lora", f"{a}:{SCALE_A}", "--lora", str(b), "--scheduler-config", "trailing"]
+            "--lora", f"{a}:{SCALE_A}", "--lora", str(b), "--lora", f"{sgm}:{SCALE_SGM}", "--scheduler-config", "trailing"]
     assert main(args) == 0
     return out
 
@@ -101,29 +107,30 @@ def a_face():
 
 @pytest.mark.slow
 def test_manifest_lists_each_lora_with_sha256_and_scale(bundle, weights):
-    _, a, b, _ = weights
+    _, a, b, sgm, _ = weights
     m = read_manifest(bundle)
     assert [(x["file"], x["sha256"], x["scale"]) for x in m.loras] == [
-        (a.name, file_digest(a), SCALE_A), (b.name, file_digest(b), 1.0)
+        (a.name, file_digest(a), SCALE_A), (b.name, file_digest(b), 1.0), (sgm.name, file_digest(sgm), SCALE_SGM)
     ]
-    assert m.loras[0]["components"] == ["unet", "text_encoder"]
-    assert m.loras[1]["components"] == ["unet", "text_encoder", "text_encoder_2"]
+    assert [x["components"] for x in m.loras] == [["unet", "text_encoder"], ["unet", "text_encoder", "text_encoder_2"], ["unet"]]
     from infiniteid.model.loading import tiny_components
 
     unet_layers = len(target_layers(tiny_components(0).unet))  # attention, feed-forward, proj_in/out, one conv
     assert unet_layers > 40
-    assert [x["layers"] for x in m.loras] == [unet_layers + 18, unet_layers + 18 + 18]  # 3 text layers x 6 Linear each
+    assert [x["layers"] for x in m.loras] == [unet_layers + 18, unet_layers + 18 + 18, unet_layers]  # 3 text layers x 6 Linear each
     assert m.scheduler_override == {"timestep_spacing": "trailing"}
     assert m.scheduler_config["timestep_spacing"] == "trailing" and m.scheduler_config["beta_schedule"] == "scaled_linear"
 
 
 def test_inspect_shows_the_loras(bundle, weights, capsys):
-    _, a, b, _ = weights
+    _, a, b, sgm, _ = weights
     assert main(["inspect", str(bundle)]) == 0
     out = capsys.readouterr().out
     assert "LoRAs fused at export" in out and "(set at export over the base's: timestep_spacing=trailing)" in out
-    rows = [line.split() for line in out.splitlines() if line.startswith((a.name, b.name))]
-    assert [(r[0], r[1], r[-1]) for r in rows] == [(a.name, "0.7", file_digest(a)[:12]), (b.name, "1", file_digest(b)[:12])]
+    rows = [line.split() for line in out.splitlines() if line.startswith((a.name, b.name, sgm.name))]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [
+        (a.name, "0.7", file_digest(a)[:12]), (b.name, "1", file_digest(b)[:12]), (sgm.name, "-0.5", file_digest(sgm)[:12])
+    ]
 
 
 @pytest.mark.slow
@@ -133,11 +140,12 @@ def test_bundle_with_loras_equals_diffusers_with_them_loaded(bundle, weights):
     equals diffusers' SDXL pipeline with the two LoRAs loaded, within 1/255."""
     from infiniteid.runtime import Runtime
 
-    w, a, b, _ = weights
+    w, a, b, sgm, _ = weights
     pipe = diffusers_pipeline(w.base)
     pipe.load_lora_weights(str(a.parent), weight_name=a.name, adapter_name="a")
     pipe.load_lora_weights(str(b.parent), weight_name=b.name, adapter_name="b")
-    pipe.set_adapters(["a", "b"], adapter_weights=[SCALE_A, 1.0])
+    pipe.load_lora_weights(str(sgm.parent), weight_name=sgm.name, adapter_name="sgm")
+    pipe.set_adapters(["a", "b", "sgm"], adapter_weights=[SCALE_A, 1.0, SCALE_SGM])
     ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True).input_ids
     rt = Runtime(bundle, backend="ort", intra_op_threads=2)
     try:
@@ -166,20 +174,20 @@ def test_reference_with_loras_matches_the_bundle(bundle, weights, tmp_path):
 
     from infiniteid.commands.demo import demo_face
 
-    w, a, b, faces = weights
+    w, a, b, sgm, faces = weights
     photo = tmp_path / "face.png"
     demo_face().save(photo)
     common = ["--face", str(photo), "--face-models", str(faces), "--prompt", PROMPT, "--steps", "4", "--guidance", "1",
               "--height", "64", "--width", "64", "--no-progress"]
     ref_png, rt_png = tmp_path / "ref.png", tmp_path / "rt.png"
     assert main(["generate", "--base", str(w.base), "--image-encoder", str(w.image_encoder), "--adapter", str(w.adapter),
-                 "--lora", f"{a}:{SCALE_A}", "--lora", str(b), "--scheduler-config", "trailing",
+                 "--lora", f"{a}:{SCALE_A}", "--lora", str(b), "--lora", f"{sgm}:{SCALE_SGM}", "--scheduler-config", "trailing",
                  "--out", str(ref_png), *common]) == 0
     assert main(["generate", "--bundle", str(bundle), "--out", str(rt_png), *common]) == 0
     ref, ours = (np.asarray(Image.open(p)).astype(int) for p in (ref_png, rt_png))
     assert np.abs(ref - ours).max() <= 2
     side = json.loads(ref_png.with_suffix(".json").read_text())["source"]
-    assert [(x["file"], x["scale"]) for x in side["loras"]] == [(a.name, SCALE_A), (b.name, 1.0)]
+    assert [(x["file"], x["scale"]) for x in side["loras"]] == [(a.name, SCALE_A), (b.name, 1.0), (sgm.name, SCALE_SGM)]
     assert side["scheduler_override"] == {"timestep_spacing": "trailing"}
 
 
