@@ -323,3 +323,12 @@ def test_generate_with_a_bundle_refuses_lora(tmp_path, capsys):
     args = ["generate", "--bundle", str(tmp_path), "--face", str(tmp_path / "f.png"), "--prompt", "p", "--out", str(tmp_path / "o.png")]
     assert main(args + ["--lora", "x.safetensors"]) == 1
     assert "--lora only applies with --base; a bundle has its LoRAs fused at export" in one_line_error(capsys, "generate")
+
+
+def test_help_shows_lora_and_scheduler_examples(capsys):
+    for command in ("export", "generate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--lora FILE[:SCALE]" in out and "--scheduler-config SPACING|FILE" in out
+        assert "--scheduler-config trailing" in out  # the few-step example

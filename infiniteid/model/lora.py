@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
+from ..bundle import file_digest
 from .weights_file import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WeightsFileError, flatten, load_weights_file
 
 # The pipeline components a LoRA may touch, by the key prefix diffusers gives them.
@@ -116,8 +117,6 @@ def fuse_loras(components: Any, loras: Sequence[LoraSpec]) -> List[FusedLora]:
                 pipe.unload_lora_weights()
         except (RuntimeError, ValueError, KeyError) as e:
             raise LoraError(f"{spec.path}: diffusers could not load this LoRA into the model ({_first_line(e)})") from None
-        from ..bundle import file_digest
-
         records.append(
             FusedLora(
                 file=spec.path.name,
@@ -127,7 +126,7 @@ def fuse_loras(components: Any, loras: Sequence[LoraSpec]) -> List[FusedLora]:
                 layers=sum(layers.values()),
             )
         )
-    components.loras = list(getattr(components, "loras", None) or []) + records
+    components.loras = [*components.loras, *records]
     return records
 
 
