@@ -332,3 +332,4 @@ def test_help_shows_lora_and_scheduler_examples(capsys):
         out = capsys.readouterr().out
         assert "--lora FILE[:SCALE]" in out and "--scheduler-config SPACING|FILE" in out
         assert "--scheduler-config trailing" in out  # the few-step example
+        assert "\\\n      --lora " in out  # continued over lines as a shell would take it

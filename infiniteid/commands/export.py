@@ -22,8 +22,8 @@ examples:
       --adapter ~/models/infiniteid.safetensors --face-models ~/.insightface/models/antelopev2 \\
       --out out/sdxl-fp16 --precision fp16 --height 1024 --width 1024 --max-batch 4
   infiniteid export --tiny --out out/tiny --no-adain --overwrite     # an ablation bundle
-  infiniteid export --base ~/models/sdxl-base-1.0 ... --out out/lightning \
-      --lora ~/loras/sdxl_lightning_4step_lora.safetensors --lora ~/loras/style.safetensors:0.8 \
+  infiniteid export --base ~/models/sdxl-base-1.0 ... --out out/lightning \\
+      --lora ~/loras/sdxl_lightning_4step_lora.safetensors --lora ~/loras/style.safetensors:0.8 \\
       --scheduler-config trailing                                 # a few-step base: 4 steps, guidance 1
 
 --lora FILE[:SCALE] (repeatable) fuses a local LoRA file (diffusers/peft or kohya
