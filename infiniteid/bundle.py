@@ -112,7 +112,11 @@ class Manifest:
     weights) -> sha256. ``face_models``: ``{"path": folder, "files": {name: sha256},
     "recorded_here": tag}``, the user's insightface folder, referenced and never
     copied; the runtime follows it only when the tag shows it was recorded by an
-    export on the same machine (:func:`face_models_recorded_here`).
+    export on the same machine (:func:`face_models_recorded_here`). ``loras``: the LoRAs
+    fused into the graphs' weights at export, in order (``file``, ``sha256``,
+    ``scale``, ``components``, ``layers``). ``scheduler_override``: the keys the
+    export set over the base model's scheduler config (``scheduler_config`` is the
+    result), e.g. ``{"timestep_spacing": "trailing"}`` for a few-step base; None when none.
     """
 
     components: Dict[str, ComponentSpec]
@@ -127,6 +131,8 @@ class Manifest:
     created: str = ""
     face_models: Optional[Dict[str, Any]] = None  # the user's insightface folder, referenced, never copied
     tokenizers: Tuple[str, ...] = TOKENIZER_FILES
+    loras: List[Dict[str, Any]] = field(default_factory=list)  # fused LoRAs: file, sha256, scale, components, layers
+    scheduler_override: Optional[Dict[str, Any]] = None  # keys the export set over the base's scheduler config
 
     # -- io ---------------------------------------------------------------------
     def to_json(self) -> str:

@@ -144,6 +144,11 @@ def render(bundle: Path, manifest: Any) -> str:
 
     sched = ", ".join(f"{k}={v}" for k, v in sorted(m.scheduler_config.items()) if not k.startswith("_"))
     parts += ["", f"scheduler  {sched}"]
+    if m.scheduler_override:
+        parts.append("           (set at export over the base's: " + ", ".join(f"{k}={v}" for k, v in sorted(m.scheduler_override.items())) + ")")
+    if m.loras:
+        rows = [[x["file"], f"{x['scale']:g}", ", ".join(x["components"]), x["layers"], x["sha256"][:12]] for x in m.loras]
+        parts += ["", "LoRAs fused at export", table(["file", "scale", "components", "layers", "sha256"], rows), ""]
     parts.append("tools      " + (", ".join(f"{k} {v}" for k, v in sorted(m.tools.items())) or "(none recorded)"))
     if m.sources:
         parts.append("sources")

@@ -79,7 +79,7 @@ def export_bundle(
         manifest = Manifest(
             components=components,
             model=model_record(pipeline, info),
-            scheduler_config=_plain(dict(pipeline.c.scheduler_config)),
+            scheduler_config=_plain({**pipeline.c.scheduler_config, **(opts.scheduler_override or {})}),
             resolution={
                 "multiple": info.resolution_multiple,
                 "min": int(opts.min_resolution),
@@ -92,6 +92,8 @@ def export_bundle(
             tools=tool_versions(opts.opset),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             face_models=faces,
+            loras=[_plain(r.to_dict()) for r in pipeline.c.loras],
+            scheduler_override=_plain(opts.scheduler_override) if opts.scheduler_override else None,
         )
         write_manifest(tmp, manifest)
     return manifest

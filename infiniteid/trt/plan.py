@@ -59,6 +59,7 @@ class BuildOptions:
     height: Optional[int] = None
     width: Optional[int] = None
     images: int = 1
+    cfg: bool = True  # static engines for CFG batches; False: guidance-1 batches (few-step bases), half the U-Net batch
     opt_level: int = 3
     timing_cache: Optional[str] = None  # default: <engine folder>/timing.cache
     workspace_gb: Optional[float] = None
@@ -79,12 +80,15 @@ class BuildOptions:
         if self.shapes == "dynamic" and (self.height or self.width or self.images != 1):
             raise BuildError("--height/--width/--images choose the static shape; dynamic engines take the "
                              "manifest's ranges (drop them, or use --shapes static)")
+        if self.shapes == "dynamic" and not self.cfg:
+            raise BuildError("--no-cfg chooses the static shape; dynamic engines take batches with and without CFG "
+                             "(drop it, or use --shapes static)")
         for c in self.components or ():
             if c not in COMPONENTS:
                 raise BuildError(f"unknown component {c!r}; choose from {', '.join(COMPONENTS)}")
 
     def shape_plan(self, manifest: Manifest) -> ShapePlan:
-        return ShapePlan.for_manifest(manifest, self.shapes, self.height, self.width, self.images)
+        return ShapePlan.for_manifest(manifest, self.shapes, self.height, self.width, self.images, self.cfg)
 
     def flags(self, plan: ShapePlan) -> Dict[str, Any]:
         """What goes into every sidecar's ``build`` (and back into the rebuild command)."""
