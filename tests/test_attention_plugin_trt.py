@@ -76,7 +76,7 @@ def test_plugin_module_uses_only_real_tensorrt_plugin_names(version):
             assert member in api[top], f"tensorrt.plugin.{chain} not in {version}"
     # members used on objects TensorRT hands to the aot_impl
     for cls, members in {
-        "TensorDesc": ["shape_expr", "dtype", "like"],
+        "TensorDesc": ["shape_expr", "dtype", "like", "ndim"],
         "ShapeExpr": ["is_fake", "is_constant", "constant_value"],
         "KernelLaunchParams": ["grid_x", "grid_y", "grid_z", "block_x", "shared_mem"],
         "SymIntExprs": ["from_tuple"],
@@ -181,6 +181,25 @@ def test_compiling_under_the_interpreter_is_refused():
         pytest.skip("only meaningful with TRITON_INTERPRET=1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"):
         plugin_ptx.compile_plugin_kernel(plugin_ptx.PluginKernelSpec(dtype="float16", head_dim=64, scale=0.125))
+
+
+def test_aot_impl_input_checks():
+    """What aot_impl refuses before compiling: mixed q/k/v dtypes, a non-float32 delta, wrong ranks, an odd batch."""
+    ok = ["float16"] * 3 + ["float32"]
+    trt_plugin.check_plugin_inputs(ok, [4, 4, 4, 4], 4)
+    trt_plugin.check_plugin_inputs(ok, [4, 4, 4, 4], None)  # a dynamic batch is the profile's business
+    trt_plugin.check_plugin_inputs(["bfloat16"] * 3 + ["float32"], [4] * 4, 2)
+    cases = [
+        (["float16", "float32", "float16", "float32"], [4] * 4, 2, "q, k and v must share one dtype, got float16, float32, float16"),
+        (["float16"] * 4, [4] * 4, 2, "delta must be float32, got float16"),
+        (["int8"] * 3 + ["float32"], [4] * 4, 2, "q is int8; the kernel takes float16, bfloat16, float32"),
+        (ok, [4, 4, 4, 5], 2, "delta must have rank 4, got rank 5"),
+        (ok, [3, 4, 4, 4], 2, "q must have rank 4, got rank 3"),
+        (ok, [4] * 4, 3, "the batch must be even .*got 3"),
+    ]
+    for dtypes, ranks, batch, message in cases:
+        with pytest.raises(ValueError, match=r"infiniteid::MixedAttention: " + message):
+            trt_plugin.check_plugin_inputs(dtypes, ranks, batch)
 
 
 def test_plugin_spec_validation():
