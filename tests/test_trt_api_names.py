@@ -42,6 +42,10 @@ BUILDER_RECEIVERS = {
     "self._cache": "ITimingCache",
     "cache": "ITimingCache",
     "t": "ITensor",
+    "layer": "ILayer",
+    "v3layer": "IPluginV3Layer",
+    "plugin": "IPluginV3",
+    "core": "IPluginV3OneCore",
 }
 RUNTIME_RECEIVERS = {
     "self.engine": "ICudaEngine",
@@ -251,6 +255,8 @@ def check_member(api: ModuleApi, cls: str, use: Use) -> Optional[str]:
     if c is None:
         return f"no class {cls}"
     name = use.chain[0]
+    if name == "__class__":  # every Python object has it (set to downcast, as polygraphy does)
+        return None
     if name in c.props:
         if use.store and not c.props[name] and len(use.chain) == 1:
             return f"{cls}.{name} is read-only"
