@@ -30,7 +30,7 @@ DUMPS = Path(__file__).resolve().parent / "data" / "tensorrt-api"
 FULL_DUMPS = ("trt-10.16.1.11.txt", "trt-11.4.0.106.txt")
 LEAN_DUMP = "lean-11.4.0.106.txt"
 BUILDER_SOURCES = ("infiniteid/trt/builder.py",)
-RUNTIME_SOURCES = ("infiniteid/trt/runner.py", "infiniteid/runtime/trt_backend.py")
+RUNTIME_SOURCES = ("infiniteid/trt/runner.py", "infiniteid/runtime/trt_backend.py", "infiniteid/trt/polygraphy_side.py")
 
 #: variable (as written in our sources) -> TensorRT class it holds
 BUILDER_RECEIVERS = {
