@@ -38,7 +38,8 @@ GPU = [
 ]
 # tensorrt-lean and cuda-python install without a GPU: the tests check that every
 # TensorRT / CUDA name the backend calls exists in the real bindings.
-TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2"]
+# polygraphy is pure Python: `check --against polygraphy` runs its onnxruntime runner on a CPU.
+TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2", "polygraphy>=0.49"]
 
 setup(
     name="infiniteid-rt",

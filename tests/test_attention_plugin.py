@@ -82,6 +82,7 @@ def test_node_and_function_body_match_the_reference(adain):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs["adain"] == int(adain) and attrs["scale"] == pytest.approx(0.21)
     assert attrs["plugin_namespace"] == b"infiniteid" and attrs["plugin_version"] == b"1"
+    assert attrs["aot"] == 1  # TensorRT's parser takes the AOT implementation (STRICT_AOT)
     add_function_bodies(model)
     onnx.checker.check_model(model, full_check=True)
     for seed, (b, n) in enumerate([(4, 77), (8, 100), (2, 5)]):  # unseen batch sizes and token counts
@@ -201,6 +202,7 @@ def test_dynamo_export_emits_the_node_too():
     model = prog.model_proto
     nodes = [n for n in model.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
     assert len(nodes) == 1
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}["aot"] == 1
     add_function_bodies(model)
     got = run_ort(model, {"q": q, "k": k, "v": v})
     want = mixed_attention_math(q.double(), k.double(), v.double(), adain=True, scale=0.25).numpy()

@@ -76,7 +76,7 @@ def test_plugin_module_uses_only_real_tensorrt_plugin_names(version):
             assert member in api[top], f"tensorrt.plugin.{chain} not in {version}"
     # members used on objects TensorRT hands to the aot_impl
     for cls, members in {
-        "TensorDesc": ["shape_expr", "dtype", "like"],
+        "TensorDesc": ["shape_expr", "dtype", "like", "ndim"],
         "ShapeExpr": ["is_fake", "is_constant", "constant_value"],
         "KernelLaunchParams": ["grid_x", "grid_y", "grid_z", "block_x", "shared_mem"],
         "SymIntExprs": ["from_tuple"],
@@ -137,14 +137,22 @@ def test_strip_hidden_params():
 
 def compile_in_subprocess(*args: str) -> dict:
     """Compile through ``python -m infiniteid.kernels.plugin_ptx`` with the interpreter off
-    (interpreted kernels have no PTX; conftest.py turns the interpreter on without CUDA)."""
+    (interpreted kernels have no PTX; conftest.py turns the interpreter on without CUDA).
+
+    ``-X importtime`` lists every module the process imports: an engine-build box
+    must be able to compile the plugin without torch.
+    """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     res = subprocess.run(
-        [sys.executable, "-W", "ignore", "-m", "infiniteid.kernels.plugin_ptx", "--capability", "9.0", *args],
+        [sys.executable, "-W", "ignore", "-X", "importtime", "-m", "infiniteid.kernels.plugin_ptx",
+         "--capability", "9.0", *args],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+    assert "triton" in imported and "infiniteid.kernels.triton_device" in imported
+    assert "torch" not in imported, "compiling the plugin kernel imported torch"
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -157,12 +165,36 @@ def check_plugin_ptx(info: dict) -> None:
     assert info["shared_mem"] <= trt_plugin.SHARED_MEM_LIMIT
     assert info["target"].startswith("sm_90")
     assert info["name"] == "mixed_attn_plugin_kernel"
+    assert info["ptx_version"] == "8.0"  # pinned: CUDA 12.0 drivers load it (Triton's own default is 9.x)
 
 
-def test_plugin_kernel_compiles_to_ptx_with_tensorrt_parameter_order():
+def cuda12_ptxas() -> str:
+    """The CUDA 12 ``ptxas`` Triton ships (for targets below sm_90), or skip."""
+    from triton import knobs
+
+    tool = knobs.nvidia.ptxas
+    if tool is None or not str(tool.version).startswith("12."):
+        pytest.skip(f"triton's bundled ptxas is not a CUDA 12 one ({tool and tool.version})")
+    return tool.path
+
+
+def test_plugin_kernel_compiles_to_ptx_with_tensorrt_parameter_order(tmp_path):
     pytest.importorskip("triton")
-    info = compile_in_subprocess("--dtype", "float16", "--head-dim", "64")
+    ptx = tmp_path / "plugin.ptx"
+    info = compile_in_subprocess("--dtype", "float16", "--head-dim", "64", "--ptx", str(ptx))
     check_plugin_ptx(info)
+    assert plugin_ptx.ptx_isa_version(ptx.read_text()) == "8.0"
+    # what a CUDA 12 toolchain (and so a CUDA 12 driver's JIT) does with it: it assembles
+    res = subprocess.run([cuda12_ptxas(), f"--gpu-name={info['target']}", str(ptx), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "k.cubin").stat().st_size > 1000
+    # and what it does with Triton's default stamp (9.x): refuses, which is why the version is pinned
+    unpinned = tmp_path / "unpinned.ptx"
+    unpinned.write_text(re.sub(r"^\.version 8\.0", ".version 9.4", ptx.read_text(), flags=re.M))
+    res = subprocess.run([cuda12_ptxas(), f"--gpu-name={info['target']}", str(unpinned), "-o", str(tmp_path / "u.cubin")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "Unsupported .version 9.4" in res.stderr
     assert info["wgmma"]  # Hopper tensor-core instructions
     assert info["tile"] == list(trt_plugin.TILE_CANDIDATES[0][:2]) + [trt_plugin.TILE_CANDIDATES[0][3]]
 
@@ -181,6 +213,60 @@ def test_compiling_under_the_interpreter_is_refused():
         pytest.skip("only meaningful with TRITON_INTERPRET=1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET unset"):
         plugin_ptx.compile_plugin_kernel(plugin_ptx.PluginKernelSpec(dtype="float16", head_dim=64, scale=0.125))
+
+
+def test_aot_impl_input_checks():
+    """What aot_impl refuses before compiling: mixed q/k/v dtypes, a non-float32 delta, wrong ranks, an odd batch."""
+    ok = ["float16"] * 3 + ["float32"]
+    trt_plugin.check_plugin_inputs(ok, [4, 4, 4, 4], 4)
+    trt_plugin.check_plugin_inputs(ok, [4, 4, 4, 4], None)  # a dynamic batch is the profile's business
+    trt_plugin.check_plugin_inputs(["bfloat16"] * 3 + ["float32"], [4] * 4, 2)
+    cases = [
+        (["float16", "float32", "float16", "float32"], [4] * 4, 2, "q, k and v must share one dtype, got float16, float32, float16"),
+        (["float16"] * 4, [4] * 4, 2, "delta must be float32, got float16"),
+        (["int8"] * 3 + ["float32"], [4] * 4, 2, "q is int8; the kernel takes float16, bfloat16, float32"),
+        (ok, [4, 4, 4, 5], 2, "delta must have rank 4, got rank 5"),
+        (ok, [3, 4, 4, 4], 2, "q must have rank 4, got rank 3"),
+        (ok, [4] * 4, 3, "the batch must be even .*got 3"),
+    ]
+    for dtypes, ranks, batch, message in cases:
+        with pytest.raises(ValueError, match=r"infiniteid::MixedAttention: " + message):
+            trt_plugin.check_plugin_inputs(dtypes, ranks, batch)
+
+
+def test_ptx_version_follows_the_target():
+    assert plugin_ptx.plugin_ptx_version((8, 0)) == 80
+    assert plugin_ptx.plugin_ptx_version((8, 9)) == 80
+    assert plugin_ptx.plugin_ptx_version((9, 0)) == 80
+    assert plugin_ptx.plugin_ptx_version((10, 0)) == 86
+    assert plugin_ptx.plugin_ptx_version((10, 3)) == 88
+    assert plugin_ptx.plugin_ptx_version((12, 0)) == 87
+    assert plugin_ptx.ptx_isa_version("//\n.version 8.5\n.target sm_90a\n") == "8.5"
+    with pytest.raises(ValueError, match="declares no .version"):
+        plugin_ptx.ptx_isa_version(".target sm_90a\n")
+
+
+def test_capability_without_a_gpu_needs_a_default_and_not_torch():
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from infiniteid.kernels.plugin_ptx import current_capability\n"
+        "print(current_capability(default=(8, 6)), 'torch' in sys.modules)\n"
+        "try:\n"
+        "    current_capability()\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    if lines[0] != "(8, 6) False":
+        pytest.skip(f"a GPU answered: {lines[0]}")
+    assert lines[1] == "no CUDA device to compile the plugin kernel for; pass a capability"
 
 
 def test_plugin_spec_validation():

@@ -30,7 +30,7 @@ DUMPS = Path(__file__).resolve().parent / "data" / "tensorrt-api"
 FULL_DUMPS = ("trt-10.16.1.11.txt", "trt-11.4.0.106.txt")
 LEAN_DUMP = "lean-11.4.0.106.txt"
 BUILDER_SOURCES = ("infiniteid/trt/builder.py",)
-RUNTIME_SOURCES = ("infiniteid/trt/runner.py", "infiniteid/runtime/trt_backend.py")
+RUNTIME_SOURCES = ("infiniteid/trt/runner.py", "infiniteid/runtime/trt_backend.py", "infiniteid/trt/polygraphy_side.py")
 
 #: variable (as written in our sources) -> TensorRT class it holds
 BUILDER_RECEIVERS = {
@@ -42,6 +42,10 @@ BUILDER_RECEIVERS = {
     "self._cache": "ITimingCache",
     "cache": "ITimingCache",
     "t": "ITensor",
+    "layer": "ILayer",
+    "v3layer": "IPluginV3Layer",
+    "plugin": "IPluginV3",
+    "core": "IPluginV3OneCore",
 }
 RUNTIME_RECEIVERS = {
     "self.engine": "ICudaEngine",
@@ -251,6 +255,8 @@ def check_member(api: ModuleApi, cls: str, use: Use) -> Optional[str]:
     if c is None:
         return f"no class {cls}"
     name = use.chain[0]
+    if name == "__class__":  # every Python object has it (set to downcast, as polygraphy does)
+        return None
     if name in c.props:
         if use.store and not c.props[name] and len(use.chain) == 1:
             return f"{cls}.{name} is read-only"
@@ -403,3 +409,40 @@ def test_runtime_modules_import_without_tensorrt_torch_or_a_gpu():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_polygraphy_names_and_keywords_exist():
+    """``check --against polygraphy`` (its TrtRunner path runs only on a GPU): every Polygraphy name we import
+    exists in the installed package, and every call's keywords are in the signature."""
+    import importlib
+    import inspect
+
+    pytest.importorskip("polygraphy", reason="polygraphy is not installed")
+    tree = ast.parse((ROOT / "infiniteid/trt/polygraphy_side.py").read_text())
+    imported = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("polygraphy"):
+            for a in node.names:
+                imported[a.asname or a.name] = (node.module, a.name)
+    assert {"TrtRunner", "EngineFromBytes", "OnnxrtRunner", "SessionFromOnnx", "Comparator", "RunResults",
+            "IterationResult", "save_json", "G_LOGGER"} <= set(imported)
+    objects = {}
+    for local, (module, name) in imported.items():
+        obj = getattr(importlib.import_module(module), name, None)
+        if obj is None and name == "SimpleCompareFunc":
+            continue  # older Polygraphy: the code falls back to CompareFunc.simple
+        assert obj is not None, f"{module}.{name}"
+        objects[local] = obj
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in objects:
+            obj = objects[node.func.id]
+            sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+            params = [p for p in sig.parameters if p != "self"]
+            for kw in node.keywords:
+                assert kw.arg in params, f"{node.func.id}({kw.arg}=...) is not in {params}"
+            assert len(node.args) <= len(params), node.func.id
+    for attr in ("module_severity", "WARNING", "CRITICAL"):
+        assert hasattr(objects["G_LOGGER"], attr)
+    for method in ("activate", "deactivate", "infer"):
+        assert callable(getattr(objects["TrtRunner"], method)) and callable(getattr(objects["OnnxrtRunner"], method))
+    assert callable(objects["Comparator"].compare_accuracy) and callable(objects["RunResults"].save)

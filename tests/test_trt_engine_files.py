@@ -117,7 +117,11 @@ def test_version_rules():
     assert not version_ok("11.4.0.106", "11.5.0.1", False)
     assert version_ok("11.4.0.106", "11.5.0.1", True)  # version-compatible: newer runtime, same major
     assert not version_ok("11.5.0.1", "11.4.0.106", True)  # never an older runtime
-    assert not version_ok("10.16.1.11", "11.4.0.106", True)  # not across majors
+    # TensorRT documents version-compatible plans loading on later majors too: deserialisation decides
+    assert version_ok("10.16.1.11", "11.4.0.106", True)
+    assert not version_ok("10.16.1.11", "11.4.0.106", False)  # a plain plan: only the exact version
+    assert not version_ok("11.4.0.106", "10.16.1.11", True)  # an older major never
+    assert version_ok("11.4.0.106", "11.4.0.107", True) and not version_ok("11.4.0.107", "11.4.0.106", True)
 
 
 @pytest.fixture()
@@ -210,6 +214,23 @@ def test_version_compatible_engines_are_found_for_a_newer_runtime(tmp_path):
     assert sidecars["unet"].version_compatible
     with pytest.raises(EngineMismatch):
         find_engine_folder(tmp_path, Target(H100, "11.3.0.1"))
+
+
+def test_version_compatible_engines_from_an_older_major_are_offered_to_a_newer_one(tmp_path):
+    """A 10.x version-compatible plan is handed to an 11.x runtime (it decides); a plain one is refused."""
+    manifest = sdxl_manifest()
+    folder = engine_folder(tmp_path, H100, "10.16.1.11")
+    for c, spec in manifest.components.items():
+        write_atomic(plan_path(folder, c), b"x" * 10)
+        write_sidecar(folder, make_sidecar(c, onnx_sha256=spec.sha256, tensorrt_version="10.16.1.11",
+                                           build={**FLAGS, "version_compatible": True}))
+    eleven = Target(H100, "11.4.0.106")
+    assert find_engine_folder(tmp_path, eleven) == folder
+    sidecars, _ = load_sidecars(tmp_path, folder, manifest, ["unet"], eleven)
+    assert sidecars["unet"].tensorrt_version == "10.16.1.11"
+    plain = make_sidecar("unet", onnx_sha256=manifest.components["unet"].sha256, tensorrt_version="10.16.1.11")
+    with pytest.raises(EngineMismatch, match="built with TensorRT 10.16.1.11, this machine runs TensorRT 11.4.0.106"):
+        check_sidecar(plain, "unet", plain.onnx_sha256, eleven, tmp_path, folder)
 
 
 def test_changed_external_weights_are_refused_even_with_the_same_onnx_file(built):

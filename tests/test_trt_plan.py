@@ -19,6 +19,7 @@ from infiniteid.trt.engine_check import Target
 from infiniteid.trt.names import DeviceInfo, plan_path, read_sidecar, sidecar_path
 from infiniteid.trt.plan import (
     BuildError,
+    EngineJob,
     BuildOptions,
     BuiltPlan,
     check_precision,
@@ -176,6 +177,38 @@ def test_plugin_need_is_read_from_the_graph(tmp_path):
     assert not needs_plugin(spec, tmp_path / "plain.onnx")
     spec.options["attention_plugin"] = True
     assert needs_plugin(spec, tmp_path / "plain.onnx")
+
+
+def test_plugin_layers_must_match_the_graphs_plugin_nodes(tmp_path):
+    """A parser that imported the function body (no plugin layer) is refused; the right count passes."""
+    from infiniteid.trt.builder import check_plugin_layers
+    from infiniteid.trt.plan import plugin_node_count
+
+    vi = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [1])  # noqa: E731
+    nodes = [helper.make_node("MixedAttention", ["q", "k", "v", "d"], [f"o{i}"], domain="infiniteid") for i in range(2)]
+    nodes.append(helper.make_node("Relu", ["q"], ["r"]))
+    graph = helper.make_graph(nodes, "g", [vi("q"), vi("k"), vi("v"), vi("d")], [vi("o0"), vi("o1"), vi("r")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("infiniteid", 1)])
+    path = tmp_path / "unet.onnx"
+    onnx.save(model, str(path))
+    assert plugin_node_count(path) == 2
+    assert plugin_node_count(tmp_path / "missing.onnx") is None
+
+    spec = ComponentSpec("unet", "onnx/unet.onnx", "fp16", "0" * 64, [], [])
+    job = EngineJob("unet", spec, path, "0" * 64, "fp16", [], needs_plugin=True, plugin_nodes=2)
+    ours = "infiniteid::MixedAttention"
+    check_plugin_layers(job, [ours, ours])
+    check_plugin_layers(job, [ours, None, "other::Plugin"])  # an unnamed layer counts as ours; others do not
+    with pytest.raises(BuildError, match=r"has 2 infiniteid::MixedAttention node\(s\) but TensorRT's parser made 0 "
+                                         r"plugin layer\(s\) of it: it imported the node's function body"):
+        check_plugin_layers(job, [])
+    with pytest.raises(BuildError, match="made 1 plugin layer"):
+        check_plugin_layers(job, [ours, "other::Plugin"])
+    unknown = EngineJob("unet", spec, path, "0" * 64, "fp16", [], needs_plugin=True, plugin_nodes=None)
+    check_plugin_layers(unknown, [ours])  # a graph too big to count: at least one
+    with pytest.raises(BuildError, match="has at least one"):
+        check_plugin_layers(unknown, [])
+    check_plugin_layers(EngineJob("vae", spec, path, "0" * 64, "fp16", []), [])  # no plugin asked: nothing to check
 
 
 def test_phase_bars_follow_nested_phases_and_cancel():

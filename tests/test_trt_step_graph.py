@@ -122,3 +122,29 @@ def test_coefficient_table_matches_the_scheduler():
     np.testing.assert_allclose(coefs[3], sched.step_coefficients(3).as_array(), rtol=1e-7)
     np.testing.assert_allclose(nxt[:-1], coefs[1:, 0])
     assert nxt[-1] == 1.0
+
+
+def _graph_dtypes(model) -> dict:
+    from onnx import helper
+
+    return {v.name: helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+            for v in list(model.graph.input) + list(model.graph.output)}
+
+
+@pytest.mark.parametrize("unet_precision", ["fp16", "fp32"])
+def test_the_step_graph_shares_buffers_only_with_a_unet_of_its_dtypes(unet_precision):
+    """The device loop binds the step engine's noise_pred/sample_out to the U-Net's buffers: dtypes must agree."""
+    from infiniteid.runtime.trt_backend import shared_buffer_mismatches
+    from trt_testutil import sdxl_manifest
+
+    unet = sdxl_manifest(precision=unet_precision).components["unet"]
+    unet_dtypes = {t.name: np.dtype(t.dtype) for t in list(unet.inputs) + list(unet.outputs)}
+    matching = _graph_dtypes(make_step_model(StepGraphSpec.for_unet(unet, cfg=True)))
+    assert shared_buffer_mismatches(unet_dtypes, matching) == []
+    other = "float32" if unet_precision == "fp16" else "float16"
+    stale = _graph_dtypes(make_step_model(StepGraphSpec(cfg=True, noise_dtype=other, sample_dtype=other)))
+    want = unet_dtypes["sample"].name
+    assert shared_buffer_mismatches(unet_dtypes, stale) == [
+        f"step noise_pred is {other}, U-Net noise_pred is {want}",
+        f"step sample_out is {other}, U-Net sample is {want}",
+    ]

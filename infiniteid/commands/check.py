@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -13,13 +13,28 @@ examples:
   infiniteid check fp16/ --backend ort --against ort --bundle-b fp32/
                                                                 fp16 export vs fp32 export
   infiniteid check bundle/ --backend trt --against ort --components unet --json parity.json
+  infiniteid check bundle/ --backend trt --against polygraphy   our TensorRT runner vs Polygraphy's TrtRunner
+                                                                on the same engines
+  infiniteid check fp16/ --backend ort --against polygraphy --bundle-b fp32/
+                                                                the reference side on Polygraphy's OnnxrtRunner
 
 Every component runs once on both sides with the same seeded inputs (real
 prompts through the bundle's tokenizers, random embeddings, noise and latents)
 at the bundle's default resolution, or at the shapes static engines were built
 for. Per output: max/mean absolute and relative error, whole-tensor relative L2
 error and cosine similarity. Exit status 1 when any output fails the tolerance.
+
+--against polygraphy runs the reference side with NVIDIA's Polygraphy (its
+TrtRunner on the same engine files when the candidate is trt, else its
+OnnxrtRunner on the ONNX files; --polygraphy-runner chooses) and also compares
+with Polygraphy's Comparator, whose absolute errors must agree with ours.
+A failing component's inputs and both outputs are written to --failures-dir in
+Polygraphy's JSON formats; the command printed next to them reruns the case with
+`polygraphy run ... --load-inputs ... --load-outputs ...`.
 """
+
+#: reference-only choices of --against besides the runtime's backends
+POLYGRAPHY = "polygraphy"
 
 PROMPTS = (
     "a photo of a person",
@@ -39,7 +54,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("bundle", help="bundle folder (the candidate side)")
     p.add_argument("--backend", default="trt", help="candidate backend: trt or ort (default: trt)")
-    p.add_argument("--against", default="ort", help="reference backend: ort or trt (default: ort)")
+    p.add_argument("--against", default="ort", help="reference backend: ort, trt or polygraphy (default: ort)")
+    p.add_argument("--polygraphy-runner", choices=("auto", "onnxrt", "trt"), default="auto",
+                   help="with --against polygraphy: its TensorRT or onnxruntime runner (default: trt when the "
+                        "candidate is trt, else onnxrt)")
+    p.add_argument("--failures-dir", metavar="DIR", default="check-failures",
+                   help="where a failing component's inputs and outputs are written (default: check-failures)")
+    p.add_argument("--no-failure-files", action="store_true", help="do not write failing cases")
     p.add_argument("--bundle-b", metavar="BUNDLE", default=None,
                    help="reference bundle (default: the same bundle), e.g. an fp32 export to check an fp16 one")
     p.add_argument("--components", nargs="+", metavar="NAME", default=None, help="only these components")
@@ -133,9 +154,10 @@ def run(args) -> int:
     from ..runtime.loader import Bundle
     from ..trt.names import write_atomic
 
-    for side in (args.backend, args.against):
-        if side not in BACKENDS:
-            raise UserError(f"unknown backend {side!r}; choose from {', '.join(BACKENDS)}")
+    if args.backend not in BACKENDS:
+        raise UserError(f"unknown backend {args.backend!r}; choose from {', '.join(BACKENDS)}")
+    if args.against not in BACKENDS and args.against != POLYGRAPHY:
+        raise UserError(f"unknown backend {args.against!r}; choose from {', '.join([*BACKENDS, POLYGRAPHY])}")
     comps = list(args.components or COMPONENTS)
     bad = [c for c in comps if c not in COMPONENTS]
     if bad:
@@ -167,9 +189,26 @@ def run(args) -> int:
         return {"components": comps, "engine_dir": args.engine_dir,
                 "trust_engine_code": args.trust_engine_code} if name == "trt" else {}
 
+    against = args.against
+    if args.against == POLYGRAPHY:
+        runner = args.polygraphy_runner
+        if runner == "auto":
+            runner = "trt" if args.backend == "trt" else "onnxrt"
+        against = f"{POLYGRAPHY}-{runner}"
+
+    def reference():
+        if args.against != POLYGRAPHY:
+            return make_backend(args.against, bundle_b, **options(args.against))
+        from ..trt.polygraphy_side import PolygraphyBackend
+
+        return PolygraphyBackend(bundle_b, runner=against.split("-", 1)[1], components=comps,
+                                 engine_dir=args.engine_dir)
+
     cand = make_backend(args.backend, bundle_a, **options(args.backend))
+    second: Dict[str, Any] = {}
+    saved: Dict[str, List[str]] = {}
     try:
-        ref = make_backend(args.against, bundle_b, **options(args.against))
+        ref = reference()
         try:
             reports = []
             for c in comps:
@@ -182,20 +221,40 @@ def run(args) -> int:
                 print(f"checking {c} ({', '.join(f'{n} {list(v.shape)}' for n, v in feeds.items())})", file=sys.stderr)
                 out_a = cand.run(c, feeds)
                 out_b = ref.run(c, feeds)
-                reports.append(compare_outputs(c, out_a, out_b, tol))
+                report = compare_outputs(c, out_a, out_b, tol)
+                if args.against == POLYGRAPHY:
+                    from ..trt.polygraphy_side import disagreements, polygraphy_errors
+
+                    second[c] = polygraphy_errors(out_a, out_b, list(out_b))
+                    for why in disagreements(report.stats, second[c]):
+                        report.failures.setdefault(why.split(":", 1)[0], []).append(why)
+                reports.append(report)
+                if not report.passed and not args.no_failure_files:
+                    saved[c] = _save_case(args, c, feeds, out_a, out_b, bundle_a, bundle_b, against)
         finally:
             ref.close()
     finally:
         cand.close()
 
     side_a = f"{args.backend}:{bundle_a.path}"
-    side_b = f"{args.against}:{bundle_b.path}"
+    side_b = f"{against}:{bundle_b.path}"
     print(f"candidate {side_a}  vs  reference {side_b}")
     print(format_table(reports))
+    if second:
+        disagree = [w for r in reports for ws in r.failures.values() for w in ws if w.count("polygraphy's")]
+        worst = max((v["max_absdiff"] for outs in second.values() for v in outs.values()), default=0.0)
+        print("polygraphy's comparator DISAGREES with these statistics (see failures)" if disagree else
+              f"polygraphy's comparator agrees with these statistics (largest max_absdiff {worst:.3e})")
+    for c, files in saved.items():
+        print(f"{c}: inputs and outputs written to {', '.join(files[:-1] or files)}", file=sys.stderr)
+        if files[-1]:
+            print(f"  rerun: {files[-1]}", file=sys.stderr)
     if args.json:
         write_atomic(Path(args.json), reports_to_json(
             reports, candidate={"backend": args.backend, "bundle": str(bundle_a.path)},
-            reference={"backend": args.against, "bundle": str(bundle_b.path)},
+            reference={"backend": against, "bundle": str(bundle_b.path)},
+            **({"polygraphy_comparator": second} if second else {}),
+            **({"failure_files": {c: f[:-1] for c, f in saved.items()}} if saved else {}),
             height=height, width=width, images=args.images, seed=args.seed,
             tolerance={"min_cosine": tol.min_cosine, "max_rel_l2": tol.max_rel_l2, "max_abs": tol.max_abs},
         ) + "\n")
@@ -205,3 +264,16 @@ def run(args) -> int:
         return 1
     print("parity check passed")
     return 0
+
+
+def _save_case(args, component: str, feeds, out_a, out_b, bundle_a, bundle_b, against: str) -> List[str]:
+    """Write the failing case; returns the files, then the ``polygraphy run`` line that replays it ("" if none)."""
+    from pathlib import Path
+
+    from ..trt.polygraphy_side import replay_command, save_failure_case
+
+    folder = Path(args.failures_dir)
+    files = save_failure_case(folder, component, feeds, out_a, out_b, bundle_a, bundle_b,
+                              sides=(args.backend, against))
+    return [str(f) for f in files] + [replay_command(bundle_a, component, files)]
+

@@ -6,7 +6,8 @@ pulls in neither triton nor tensorrt (nor torch, for the plugin-only modules).
 
 * :mod:`.reference`: pure-torch oracle (explicit concatenation).
 * :mod:`.fold`: the exact fold of AdaIN-mean into attention, in plain torch.
-* :mod:`.triton_mixed`: the Triton flash-attention kernel.
+* :mod:`.triton_mixed`: the Triton flash-attention kernel (its device code, torch-free,
+  in :mod:`.triton_device`).
 * :mod:`.onnx_op`: the ``infiniteid::MixedAttention`` ONNX node and its function body.
 * :mod:`.plugin_ptx`, :mod:`.trt_plugin`: the kernel as a TensorRT AOT plugin.
 """

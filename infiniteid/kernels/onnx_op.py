@@ -42,6 +42,9 @@ DOMAIN = "infiniteid"
 OP_TYPE = "MixedAttention"
 DOMAIN_VERSION = 1
 PLUGIN_VERSION = "1"
+#: The node's ``aot`` attribute: TensorRT's parser then asks for the AOT implementation
+#: (``STRICT_AOT``), so a JIT implementation added later cannot make parsing ambiguous.
+PLUGIN_AOT = 1
 #: pass as ``torch.onnx.export(..., custom_opsets=CUSTOM_OPSETS)``
 CUSTOM_OPSETS = {DOMAIN: DOMAIN_VERSION}
 
@@ -96,7 +99,7 @@ def _symbolic(g, q, k, v, delta, adain, scale):  # TorchScript exporter (dynamo=
     out = g.op(
         f"{DOMAIN}::{OP_TYPE}", q, k, v, delta,
         adain_i=int(bool(adain_c)), scale_f=float(scale_c),
-        plugin_namespace_s=DOMAIN, plugin_version_s=PLUGIN_VERSION,
+        plugin_namespace_s=DOMAIN, plugin_version_s=PLUGIN_VERSION, aot_i=PLUGIN_AOT,
     )
     out.setType(q.type())
     return out
@@ -114,7 +117,7 @@ def custom_translation_table() -> Dict[Callable, Callable]:
     def translate(q, k, v, delta, adain: bool, scale: float):
         return node(
             q, k, v, delta, adain=int(bool(adain)), scale=float(scale),
-            plugin_namespace=DOMAIN, plugin_version=PLUGIN_VERSION,
+            plugin_namespace=DOMAIN, plugin_version=PLUGIN_VERSION, aot=PLUGIN_AOT,
         )
 
     return {torch.ops.infiniteid.mixed_attention.default: translate}
@@ -141,6 +144,7 @@ def op_schema():
             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "softmax scale"),
             OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace"),
             OpSchema.Attribute("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version"),
+            OpSchema.Attribute("aot", OpSchema.AttrType.INT, "1: TensorRT takes the AOT implementation"),
         ],
     )
 
@@ -219,7 +223,7 @@ def function_proto(opset: int):
     fn = helper.make_function(
         DOMAIN, OP_TYPE, ["q", "k", "v", "delta"], ["out"], nodes,
         opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["adain", "scale", "plugin_namespace", "plugin_version"],
+        attributes=["adain", "scale", "plugin_namespace", "plugin_version", "aot"],
     )
     return fn
 

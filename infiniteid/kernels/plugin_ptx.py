@@ -12,8 +12,15 @@ read argument slots that do not exist. We therefore require both scratch sizes t
 be zero and delete the hidden parameters from the PTX ``.entry`` declaration after
 checking that the body never loads them.
 
-This module needs triton (not tensorrt, not a GPU): the PTX can be produced and
-checked on a CPU for a given target (e.g. sm_90).
+PTX version: without one, Triton stamps the PTX with the ISA version of the
+``ptxas`` it bundles (Triton 3.9 on sm_90: ``.version 9.4``, the CUDA 13.4
+level), which CUDA 12 drivers refuse to load, so the engine would fail on most
+machines. :func:`plugin_ptx_version` pins the oldest ISA that has the target:
+8.0 (CUDA 12.0, the oldest CUDA TensorRT 10 supports) up to Hopper, later for
+the GPUs that came after (Blackwell sm_100 arrived with 8.6, sm_120 with 8.7).
+
+This module needs triton (not tensorrt, not torch, not a GPU): the PTX can be
+produced and checked on a CPU for a given target (e.g. sm_90).
 """
 from __future__ import annotations
 
@@ -27,6 +34,33 @@ PLUGIN_PARAMS = ("Q", "K", "V", "Delta", "n_ctx", "n_heads", "pairs", "Out")
 _POINTERS = (0, 1, 2, 3, 7)
 
 TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+
+
+#: (oldest compute capability, PTX ISA version x10) from newest to oldest: the first
+#: entry at or below the target gives the ISA the PTX is pinned to.
+PTX_ISA_BY_CAPABILITY: Tuple[Tuple[Tuple[int, int], int], ...] = (
+    ((12, 0), 87),  # sm_120 (CUDA 12.8)
+    ((11, 0), 90),  # sm_110 (CUDA 13.0)
+    ((10, 3), 88),  # sm_103 (CUDA 12.9)
+    ((10, 0), 86),  # sm_100 (CUDA 12.8)
+    ((0, 0), 80),  # up to sm_90a: CUDA 12.0, TensorRT 10's oldest CUDA
+)
+
+
+def plugin_ptx_version(capability: Tuple[int, int]) -> int:
+    """The PTX ISA version (x10, Triton's ``ptx_version`` option) the plugin kernel is pinned to."""
+    for floor, isa in PTX_ISA_BY_CAPABILITY:
+        if tuple(capability) >= floor:
+            return isa
+    raise ValueError(f"no PTX version for compute capability {capability}")  # unreachable: (0, 0) is the floor
+
+
+def ptx_isa_version(ptx: str) -> str:
+    """The ``.version`` a PTX text declares, e.g. ``"8.0"``."""
+    match = re.search(r"^\s*\.version\s+(\d+\.\d+)", ptx, flags=re.M)
+    if not match:
+        raise ValueError("the PTX declares no .version")
+    return match.group(1)
 
 
 @dataclass(frozen=True)
@@ -104,11 +138,11 @@ def entry_params(ptx: str, name: str) -> list:
 
 
 def compile_plugin_kernel(spec: PluginKernelSpec) -> PluginKernel:
-    """Compile :func:`~infiniteid.kernels.triton_mixed.mixed_attn_plugin_kernel` to PTX."""
+    """Compile :func:`~infiniteid.kernels.triton_device.mixed_attn_plugin_kernel` to PTX (pinned ISA version)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from .triton_mixed import LOG2E, interpreting, mixed_attn_plugin_kernel
+    from .triton_device import LOG2E, interpreting, mixed_attn_plugin_kernel
 
     spec.validate()
     if interpreting():
@@ -137,13 +171,18 @@ def compile_plugin_kernel(spec: PluginKernelSpec) -> PluginKernel:
     src = triton.compiler.ASTSource(fn=mixed_attn_plugin_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     major, minor = spec.capability
     target = GPUTarget("cuda", major * 10 + minor, 32)
-    compiled = triton.compile(src, target=target, options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+               "ptx_version": plugin_ptx_version(spec.capability)}
+    compiled = triton.compile(src, target=target, options=options)
     md = compiled.metadata
     for scratch in ("global_scratch_size", "profile_scratch_size"):
         size = getattr(md, scratch, 0) or 0
         if size:
             raise RuntimeError(f"kernel needs {scratch}={size}; TensorRT AOT plugins cannot provide scratch memory")
     ptx = strip_hidden_params(compiled.asm["ptx"], md.name, len(PLUGIN_PARAMS))
+    want = options["ptx_version"]
+    if ptx_isa_version(ptx) != f"{want // 10}.{want % 10}":
+        raise RuntimeError(f"triton stamped the PTX .version {ptx_isa_version(ptx)}, not the pinned {want / 10:.1f}")
     return PluginKernel(
         name=md.name, ptx=ptx, num_warps=md.num_warps, shared_mem=md.shared,
         block_m=spec.block_m, block_n=spec.block_n, num_stages=spec.num_stages,
@@ -206,13 +245,21 @@ def pick_kernel(
 
 
 def current_capability(default: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
-    """Compute capability of the current CUDA device (engine builds run on the target GPU)."""
-    try:
-        import torch
+    """Compute capability of the current CUDA device (engine builds run on the target GPU).
 
-        if torch.cuda.is_available():
-            return tuple(torch.cuda.get_device_capability())  # type: ignore[return-value]
-    except ImportError:
+    Asked of Triton's own CUDA driver class (its CUDA-driver path: no torch is
+    imported, none is needed; ``triton.runtime.driver.active`` would probe every
+    backend and import torch where it is installed); ``default`` where there is
+    no GPU, else a clear error.
+    """
+    try:
+        from triton.backends import backends
+
+        nvidia = backends.get("nvidia")
+        if nvidia is not None and nvidia.driver.is_active():
+            arch = int(nvidia.driver().get_current_target().arch)
+            return (arch // 10, arch % 10)
+    except Exception:  # no GPU, no driver, or no triton: fall through
         pass
     if default is None:
         raise RuntimeError("no CUDA device to compile the plugin kernel for; pass a capability")
@@ -229,6 +276,7 @@ def summary(kernel: PluginKernel) -> dict:
         "num_warps": kernel.num_warps,
         "tile": [kernel.block_m, kernel.block_n, kernel.num_stages],
         "target": target.group(1) if target else None,
+        "ptx_version": ptx_isa_version(kernel.ptx),
         "wgmma": "wgmma" in kernel.ptx,
         "ptx_bytes": len(kernel.ptx),
     }

@@ -20,9 +20,12 @@ Plugin contract (``infiniteid::MixedAttention``, version "1"): inputs ``q, k, v`
 ``(B, H, N, D)`` contiguous, one dtype (fp16, bf16 or fp32), batch ``[text; ID]``
 (see :mod:`infiniteid.layout`), and ``delta`` ``(B/2, H, 2, D)`` float32; attributes
 ``adain: int`` (0/1) and ``scale: float``; output like ``q``. The head dim must be
-static; the token count and batch may be dynamic.
+static; the token count and batch may be dynamic. ``aot_impl`` checks the dtypes,
+ranks and (static) batch first (:func:`check_plugin_inputs`) and raises on
+anything else, so a wrong graph fails the build instead of running a kernel on
+bytes of another type.
 """
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 from .plugin_ptx import SHARED_MEM_LIMIT, TILE_CANDIDATES, current_capability, pick_kernel  # noqa: F401
 
@@ -30,15 +33,38 @@ PLUGIN_NAMESPACE = "infiniteid"
 PLUGIN_NAME = "MixedAttention"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 PLUGIN_VERSION = "1"
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 
 _REGISTERED: Dict[str, bool] = {}
 
 
 def _trt_dtype_name(trt, dtype) -> str:
+    """A TensorRT dtype as the names used here ("float16", ...); any other dtype by its own name."""
     names = {trt.float16: "float16", trt.bfloat16: "bfloat16", trt.float32: "float32"}
-    if dtype not in names:
-        raise ValueError(f"{PLUGIN_ID}: unsupported dtype {dtype}")
-    return names[dtype]
+    return names.get(dtype, str(dtype).split(".")[-1].lower())
+
+
+def check_plugin_inputs(dtypes: Sequence[str], ranks: Sequence[int], batch: Optional[int]) -> None:
+    """Refuse inputs the kernel cannot take (``ValueError`` naming the problem), before compiling it.
+
+    ``dtypes`` and ``ranks`` of (q, k, v, delta); ``batch`` is q's batch when it is
+    static (None when dynamic: the profile's ranges come from the batch layout).
+    The kernel reads q, k, v with one element type, delta as float32 ``(B/2, H, 2, D)``
+    and pairs text row ``b`` with ID row ``b + B/2``.
+    """
+    names = ("q", "k", "v", "delta")
+    q_dtype = dtypes[0]
+    if q_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{PLUGIN_ID}: q is {q_dtype}; the kernel takes {', '.join(SUPPORTED_DTYPES)}")
+    if dtypes[1] != q_dtype or dtypes[2] != q_dtype:
+        raise ValueError(f"{PLUGIN_ID}: q, k and v must share one dtype, got {', '.join(dtypes[:3])}")
+    if dtypes[3] != "float32":
+        raise ValueError(f"{PLUGIN_ID}: delta must be float32, got {dtypes[3]}")
+    for name, rank in zip(names, ranks):
+        if rank != 4:
+            raise ValueError(f"{PLUGIN_ID}: {name} must have rank 4, got rank {rank}")
+    if batch is not None and batch % 2:
+        raise ValueError(f"{PLUGIN_ID}: the batch must be even (text rows then ID rows), got {batch}")
 
 
 def register_plugin() -> None:
@@ -71,6 +97,13 @@ def register_plugin() -> None:
         tactic: int,
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         dims = q.shape_expr
+        batch = dims[0]
+        static_batch = (not batch.is_fake) and batch.is_constant
+        check_plugin_inputs(
+            [_trt_dtype_name(trt, t.dtype) for t in (q, k, v, delta)],
+            [int(t.ndim) for t in (q, k, v, delta)],
+            int(batch.constant_value()) if static_batch else None,
+        )
         head = dims[3]
         if head.is_fake or not head.is_constant:
             raise ValueError(f"{PLUGIN_ID}: the head dim must be static")

@@ -81,6 +81,20 @@ def _make_logger(trt: Any) -> Any:
     return Logger()
 
 
+#: (step graph tensor, U-Net tensor) pairs that share one device buffer in the device loop
+SHARED_BUFFERS = (("noise_pred", "noise_pred"), ("sample_out", "sample"))
+
+
+def shared_buffer_mismatches(unet_dtypes: Dict[str, Any], step_dtypes: Dict[str, Any]) -> List[str]:
+    """Where the step engine and the U-Net disagree on the dtype of a buffer they share (empty: none)."""
+    out = []
+    for step_name, unet_name in SHARED_BUFFERS:
+        a, b = np.dtype(step_dtypes[step_name]), np.dtype(unet_dtypes[unet_name])
+        if a != b:
+            out.append(f"step {step_name} is {a.name}, U-Net {unet_name} is {b.name}")
+    return out
+
+
 class TrtBackend:
     """Runs a bundle's TensorRT engines. See the module docstring.
 
@@ -258,6 +272,10 @@ class TrtBackend:
 
     def _denoise(self, loop: LoopInputs, step_name: str) -> np.ndarray:
         unet, step = self.runner(UNET), self.runner(step_name)
+        bad = shared_buffer_mismatches(unet.dtypes, step.dtypes)
+        if bad:  # they read and write one buffer: another dtype would reinterpret its bytes
+            raise EngineMismatch(f"{self.folder}: the {step_name} engine cannot share buffers with the U-Net engine "
+                                 f"({'; '.join(bad)}). Rebuild both with: {unet.rebuild_hint}")
         stream = self._stream
         steps = loop.steps
         coefs, next_scale = coefficient_table(loop.scheduler, steps)

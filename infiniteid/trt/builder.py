@@ -9,7 +9,9 @@ a plan with the TensorRT 10/11 Python API:
   it). No precision builder flags are set, so the same code runs on both;
 * the project's plugin registrations (:mod:`infiniteid.kernels.trt_plugin`) are
   loaded before the parser sees a graph that uses them, and TensorRT's own
-  plugin library is initialised;
+  plugin library is initialised; after parsing, the plugin layers are counted
+  against the graph's plugin nodes (a parser that took the function body
+  instead is refused);
 * one optimisation profile per shape range of the job;
 * one timing cache shared by every engine of the build, loaded from and saved
   to a file so later builds reuse the measured tactics;
@@ -147,6 +149,52 @@ def load_plugins(job: EngineJob) -> None:
     register_plugin()
 
 
+def plugin_layers(trt: Any, network: Any) -> List[Optional[str]]:
+    """Every plugin (IPluginV3) layer of a parsed network: its plugin's ``namespace::name``, None if unreadable.
+
+    ``get_layer`` hands out the base ``ILayer``; as polygraphy does, the layer's
+    class is set to ``IPluginV3Layer`` to reach its plugin.
+    """
+    found: List[Optional[str]] = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type != trt.LayerType.PLUGIN_V3:
+            continue
+        try:
+            layer.__class__ = trt.IPluginV3Layer
+            v3layer = layer
+            plugin = v3layer.plugin
+            core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+            found.append(f"{core.plugin_namespace}::{core.plugin_name}")
+        except Exception:  # the binding did not let us read it: count it, unnamed
+            found.append(None)
+    return found
+
+
+def check_plugin_layers(job: EngineJob, found: List[Optional[str]]) -> None:
+    """Refuse a network whose plugin layers do not match the graph's ``MixedAttention`` nodes.
+
+    Some ONNX parser versions import a model-local function body in preference to
+    a plugin, and an unregistered plugin falls back to the body silently: the
+    engine would then be plain ops, not the kernel asked for. Layers whose plugin
+    cannot be named count as ours.
+    """
+    if not job.needs_plugin:
+        return
+    from ..kernels.trt_plugin import PLUGIN_ID
+
+    ours = sum(1 for f in found if f is None or f == PLUGIN_ID)
+    expected = job.plugin_nodes
+    if (expected is None and ours == 0) or (expected is not None and ours != expected):
+        want = f"{expected}" if expected is not None else "at least one"
+        raise BuildError(
+            f"{job.onnx_path}: the graph has {want} {PLUGIN_ID} node(s) but TensorRT's parser made {ours} plugin "
+            f"layer(s) of it: it imported the node's function body instead (or the plugin is not registered). "
+            "Export without the function body (infiniteid.kernels.onnx_op.strip_function_bodies) or use a "
+            "TensorRT whose parser maps the node to the plugin (10.9+)"
+        )
+
+
 class TrtBuilder:
     """Builds :class:`~.plan.EngineJob` s into plans; one instance per ``infiniteid build`` run."""
 
@@ -195,6 +243,8 @@ class TrtBuilder:
         if not parser.parse_from_file(str(job.onnx_path)):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise BuildError(f"{job.onnx_path}: TensorRT cannot parse the {job.name} graph: " + "; ".join(errors))
+        if job.needs_plugin:
+            check_plugin_layers(job, plugin_layers(trt, network))
         inputs = [network.get_input(i) for i in range(network.num_inputs)]
         outputs = [network.get_output(i) for i in range(network.num_outputs)]
         names = sorted(t.name for t in inputs)

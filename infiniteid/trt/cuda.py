@@ -175,11 +175,33 @@ def fill_zeros(dst: int, nbytes: int, stream: Stream) -> None:
     check(cudart().cudaMemsetAsync(dst, 0, nbytes, stream.handle), "cudaMemsetAsync")
 
 
+def clear_error() -> None:
+    """Reset this thread's last CUDA error (``cudaGetLastError``).
+
+    A failed or invalidated stream capture leaves its error set for the thread;
+    without this the next unrelated call reports it. trtexec clears it the same
+    way before it falls back to plain enqueues.
+    """
+    cudart().cudaGetLastError()
+
+
+def _discard(graph: Any) -> None:
+    """Destroy a graph that will not be used, and clear the error its failure left."""
+    rt = cudart()
+    if graph is not None:
+        rt.cudaGraphDestroy(graph)
+    clear_error()
+
+
 class CudaGraph:
     """One captured sequence of stream work, replayed with a single launch.
 
     Capture rules the caller keeps: the same tensor addresses and shapes at every
     replay, no synchronisation inside the captured function, a non-default stream.
+    A capture that fails (the enqueue returns False or raises, ending the capture
+    or instantiating the graph fails) raises :class:`BackendError` after ending
+    the capture, destroying the partial graph and clearing the CUDA error, so the
+    caller can go on without a graph on the same stream.
     """
 
     def __init__(self, stream: Stream, enqueue) -> None:
@@ -190,18 +212,32 @@ class CudaGraph:
             rt.cudaStreamBeginCapture(stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
             "cudaStreamBeginCapture",
         )
-        ok = False
         try:
             ok = bool(enqueue())
-        finally:
+        except BaseException:
             # End the capture whatever happened, or the stream stays unusable.
-            graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
-        if not ok:
-            if graph is not None:
-                rt.cudaGraphDestroy(graph)
-            raise BackendError("the engine could not be captured into a CUDA graph (enqueue failed while capturing)")
-        self.graph = graph
-        self.exec = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            _discard(self._end(stream)[1])
+            raise
+        err, graph = self._end(stream)
+        if not ok or err is not None:
+            _discard(graph)
+            why = "enqueue failed while capturing" if not ok else f"cudaStreamEndCapture: {err}"
+            raise BackendError(f"the engine could not be captured into a CUDA graph ({why})")
+        r = rt.cudaGraphInstantiate(graph, 0)
+        if r[0] != rt.cudaError_t.cudaSuccess:
+            name = error_name(r[0])
+            _discard(graph)
+            raise BackendError(f"the captured CUDA graph could not be instantiated (cudaGraphInstantiate: {name})")
+        self.graph, self.exec = graph, r[1]
+
+    @staticmethod
+    def _end(stream: Stream) -> Tuple[Optional[str], Any]:
+        """End the capture: (error name or None, the graph or None)."""
+        rt = cudart()
+        r = rt.cudaStreamEndCapture(stream.handle)
+        if r[0] != rt.cudaError_t.cudaSuccess:
+            return error_name(r[0]), (r[1] if len(r) > 1 else None)
+        return None, r[1]
 
     def launch(self, stream: Stream) -> None:
         check(cudart().cudaGraphLaunch(self.exec, stream.handle), "cudaGraphLaunch")

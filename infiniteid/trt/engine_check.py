@@ -4,8 +4,8 @@ TensorRT itself answers a mismatched plan with ``None`` and a log line about
 "serialization assertion" or "incompatible device". The runtime checks first,
 from the sidecars (:mod:`.names`), and says what to do:
 
-* another TensorRT version (a version-compatible plan may run on a newer
-  TensorRT of the same major version);
+* another TensorRT version (a version-compatible plan may run on any newer
+  TensorRT, a later major version included);
 * another GPU (compute capability; the folder name also carries the GPU's name);
 * another model: the ONNX file's sha256 in the manifest changed since the build
   (the bundle was re-exported);
@@ -100,13 +100,18 @@ def _version_tuple(v: str) -> Tuple[int, ...]:
 
 
 def version_ok(built: str, running: str, version_compatible: bool) -> bool:
-    """Same TensorRT version; or, for a version-compatible plan, the same major version and not older."""
+    """Same TensorRT version; or, for a version-compatible plan, a running TensorRT not older than the build.
+
+    TensorRT documents version-compatible plans as loading on later TensorRT
+    versions, across a major version too (10 -> 11): no major rule here, the
+    deserialiser has the last word (and its refusal is reported with the
+    rebuild command).
+    """
     if built == running:
         return True
     if not version_compatible:
         return False
-    b, r = _version_tuple(built), _version_tuple(running)
-    return b[:1] == r[:1] and r >= b
+    return _version_tuple(running) >= _version_tuple(built)
 
 
 def find_engine_folder(bundle: Path, target: Target, flags_hint: Optional[Mapping[str, Any]] = None) -> Path:
@@ -162,8 +167,10 @@ def check_sidecar(
     if not version_ok(sidecar.tensorrt_version, target.trt_version, sidecar.version_compatible):
         raise EngineMismatch(
             f"{where}: the {component} engine was built with TensorRT {sidecar.tensorrt_version}, "
-            f"this machine runs TensorRT {target.trt_version}; a plan only loads on the TensorRT version that "
-            f"built it. {fix}"
+            f"this machine runs TensorRT {target.trt_version}; "
+            + ("a version-compatible plan loads only on that TensorRT or a newer one. " if sidecar.version_compatible
+               else "a plan only loads on the TensorRT version that built it. ")
+            + fix
         )
     if sidecar.compute_capability != target.device.cc:
         raise EngineMismatch(

@@ -111,6 +111,8 @@ class EngineJob:
     profiles: List[Profile]
     needs_plugin: bool = False
     step_graph: Optional[StepGraphSpec] = None
+    #: ``MixedAttention`` nodes in the graph (None: not counted, the file is too big to open here)
+    plugin_nodes: Optional[int] = None
 
 
 @dataclass
@@ -157,23 +159,45 @@ def check_precision(manifest: Manifest, requested: Optional[str], components: Se
             )
 
 
+def _load_small_graph(onnx_path: Path) -> Any:
+    """The ModelProto without external weights, or None (no onnx here, too big to open, unreadable)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    if not onnx_path.is_file() or onnx_path.stat().st_size > PLUGIN_SCAN_LIMIT:
+        return None  # big graphs: the export's "attention_plugin" option is the record
+    try:
+        return onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:  # unreadable here: the parser will say so with a better message
+        return None
+
+
 def needs_plugin(spec: ComponentSpec, onnx_path: Path) -> bool:
     """Does the graph hold the project's custom attention node (so the plugin must be registered)?"""
     if spec.options.get("attention_plugin"):
         return True
-    try:
-        import onnx
-    except ImportError:
-        return False
-    if not onnx_path.is_file() or onnx_path.stat().st_size > PLUGIN_SCAN_LIMIT:
-        return False  # big graphs: the export's "attention_plugin" option is the record
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:  # unreadable here: the parser will say so with a better message
+    model = _load_small_graph(onnx_path)
+    if model is None:
         return False
     from ..kernels.onnx_op import DOMAIN
 
     return any(imp.domain == DOMAIN for imp in model.opset_import)
+
+
+def plugin_node_count(onnx_path: Path) -> Optional[int]:
+    """How many ``MixedAttention`` nodes the graph holds (None when it cannot be opened here).
+
+    The builder checks TensorRT made exactly that many plugin layers: a parser
+    that imports the node's function body instead (or an unregistered plugin)
+    would otherwise build a plain-ops engine without a word.
+    """
+    model = _load_small_graph(onnx_path)
+    if model is None:
+        return None
+    from ..kernels.onnx_op import DOMAIN, OP_TYPE
+
+    return sum(1 for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE)
 
 
 def plan_jobs(bundle_path: Path, manifest: Manifest, options: BuildOptions, plan: ShapePlan) -> List[EngineJob]:
@@ -184,8 +208,9 @@ def plan_jobs(bundle_path: Path, manifest: Manifest, options: BuildOptions, plan
     for c in comps:
         spec = manifest.components[c]
         path = inside_bundle(bundle_path, spec.file, f"components.{c}.file")
+        plugin = needs_plugin(spec, path)
         jobs.append(EngineJob(c, spec, path, component_digest(spec), spec.precision, component_profiles(spec, plan),
-                              needs_plugin=needs_plugin(spec, path)))
+                              needs_plugin=plugin, plugin_nodes=plugin_node_count(path) if plugin else None))
     if options.step_graphs and (options.components is None or UNET in comps):
         unet = manifest.components[UNET]
         variants = [plan.cfg] if plan.mode == "static" else [True, False]

@@ -13,18 +13,60 @@ other on one stream, so sharing is safe.
 
 CUDA graphs: when enabled, the first run with a given set of shapes and tensor
 addresses runs normally and captures the enqueue into a graph; later runs with
-the same shapes and addresses replay it. A different shape or address captures
-again. An engine that cannot be captured runs without a graph from then on.
+the same shapes and addresses replay it. A small cache (:class:`GraphCache`,
+the most recently used :data:`GRAPH_CACHE_SIZE` graphs) keeps one graph per
+(shapes, addresses), so a dynamic engine run with ``cuda_graphs="always"`` at
+alternating shapes replays instead of capturing at every call. An engine that
+cannot be captured (any error during capture) runs without a graph from then on.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+import warnings
+from collections import OrderedDict
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..runtime.backend import BackendError
 from . import cuda
 from .names import EngineSidecar
+
+
+#: CUDA graphs kept per engine (one per set of shapes and tensor addresses).
+GRAPH_CACHE_SIZE = 4
+
+
+class GraphCache:
+    """Captured graphs by key, least recently used evicted (and destroyed) past ``size``."""
+
+    def __init__(self, size: int = GRAPH_CACHE_SIZE):
+        if size < 1:
+            raise ValueError(f"graph cache size must be >= 1, got {size}")
+        self.size = size
+        self._graphs: "OrderedDict[Hashable, Any]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def get(self, key: Hashable) -> Optional[Any]:
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+        return graph
+
+    def put(self, key: Hashable, graph: Any) -> None:
+        old = self._graphs.pop(key, None)
+        if old is not None and old is not graph:
+            old.destroy()
+        self._graphs[key] = graph
+        while len(self._graphs) > self.size:
+            _, evicted = self._graphs.popitem(last=False)
+            evicted.destroy()
+
+    def clear(self) -> None:
+        while self._graphs:
+            _, graph = self._graphs.popitem(last=False)
+            graph.destroy()
 
 
 class EngineRunner:
@@ -46,8 +88,7 @@ class EngineRunner:
         self.addresses: Dict[str, int] = {}
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         self.use_graph = False
-        self._graph: Optional[cuda.CudaGraph] = None
-        self._graph_key: Optional[tuple] = None
+        self.graphs = GraphCache()
 
     # -- set-up ------------------------------------------------------------------------
     @property
@@ -135,28 +176,25 @@ class EngineRunner:
                 raise BackendError(f"TensorRT failed to enqueue the {self.name} engine")
             return
         key = (tuple(sorted(self.shapes.items())), tuple(sorted(self.addresses.items())))
-        if self._graph is not None and key == self._graph_key:
-            self._graph.launch(stream)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.launch(stream)
             return
-        self.drop_graph()
         # Enqueue once normally (it does this call's work and TensorRT's first-run set-up), then capture.
         if not self.enqueue(stream):
             raise BackendError(f"TensorRT failed to enqueue the {self.name} engine")
         try:
-            self._graph = cuda.CudaGraph(stream, lambda: self.enqueue(stream))
-            self._graph_key = key
-        except BackendError as e:
+            graph = cuda.CudaGraph(stream, lambda: self.enqueue(stream))
+        except Exception as e:  # whatever went wrong, this call's work is done: go on without graphs
             self.use_graph = False
-            self._graph = None
-            import warnings
-
+            self.drop_graph()
             warnings.warn(f"{self.name}: running without CUDA graphs ({e})", RuntimeWarning, stacklevel=2)
+            return
+        self.graphs.put(key, graph)
 
     def drop_graph(self) -> None:
-        if self._graph is not None:
-            self._graph.destroy()
-        self._graph = None
-        self._graph_key = None
+        """Destroy every captured graph of this engine."""
+        self.graphs.clear()
 
     def close(self) -> None:
         self.drop_graph()
