@@ -35,14 +35,10 @@ from typing import Dict, Type
 import torch
 import torch.nn as nn
 
+from .kinds import FACEID, FACEID_PLUS, FACEID_PLUSV2, INFINITEID, PLUS_FACE
+
 FACE_EMBED_DIM = 512  # ArcFace
 
-# Mapper kinds (the adapter file's header names one).
-INFINITEID = "infiniteid"
-PLUS_FACE = "ip-adapter-plus-face"
-FACEID_PLUS = "ip-adapter-faceid-plus"
-FACEID_PLUSV2 = "ip-adapter-faceid-plusv2"
-FACEID = "ip-adapter-faceid"
 
 
 @dataclass

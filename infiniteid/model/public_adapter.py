@@ -33,19 +33,10 @@ import torch
 import torch.nn as nn
 
 from .adapter import LAYER_PREFIX, LORA_PREFIX, MAPPER_PREFIX, AdapterError
-from .id_encoder import (
-    FACE_EMBED_DIM,
-    FACEID,
-    FACEID_PLUS,
-    FACEID_PLUSV2,
-    PLUS_FACE,
-    IDEncoderConfig,
-    ResamplerConfig,
-)
+from .id_encoder import FACE_EMBED_DIM, IDEncoderConfig, ResamplerConfig
+from .kinds import AUTO, FACEID, FACEID_PLUS, FACEID_PLUSV2, PLUS_FACE, PUBLIC_KINDS
 from .weights_file import WeightsFileError, flatten, load_weights_file
 
-AUTO = "auto"
-PUBLIC_KINDS = (PLUS_FACE, FACEID_PLUSV2, FACEID_PLUS, FACEID)
 PERCEIVER_HEAD_DIM = 64  # diffusers derives the head count as to_q rows // 64
 _LORA_KEY = re.compile(r"^(\d+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 _IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
