@@ -131,3 +131,29 @@ def test_matches_diffusers_ip_adapter(world, kind):
     # The method's own attention on the same ID module: runs, and differs.
     mixed, _, _ = run_ours(world, path)
     assert np.isfinite(mixed).all() and rel_err(mixed, ref_latents) > 1e-2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_and_runtime_match_diffusers(world, kind):
+    """The published file through export (ONNX) and the torch-free runtime on onnxruntime."""
+    from infiniteid.export import ExportOptions, export_bundle
+    from infiniteid.runtime import Runtime
+
+    path = write_public_adapter(world["root"] / f"rt-{kind}", kind, world["unet"], clip_dim=32, seed=13, lora=True)
+    ref_latents, ref_image = run_diffusers(world, path, kind)
+    w = world["weights"]
+    pipe = InfiniteIDPipeline.from_pretrained(w.base, w.image_encoder, path)
+    opts = ExportOptions(mixed_attention=False, adain=False, slim=False, check=False, max_batch=1)
+    out = world["root"] / f"bundle-{kind}"
+    manifest = export_bundle(pipe, out, opts, overwrite=True, progress=False)
+    tokens = {"ip-adapter-plus-face": 16}.get(kind, 4)
+    assert manifest.model["id_tokens"] == tokens and manifest.model["id_encoder"]["kind"] == kind
+    rt = Runtime(out, backend="ort", intra_op_threads=2)
+    try:
+        req = gen.GenerationRequest(PROMPT, faces=[world["face"]], guidance=GUIDANCE, seed=3)
+        s = gen.BatchSettings(height=H, width=W, steps=STEPS, scheduler="ddim", mixed_attention=False, adain=False)
+        got = rt.generate([req], s, noise=world["noise"], progress=False)
+    finally:
+        rt.close()
+    assert rel_err(got.latents[1:], ref_latents) < 1e-4
+    assert np.abs(got.arrays[0].astype(int) - ref_image.astype(int)).max() <= 2

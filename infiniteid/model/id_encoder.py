@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Type
+from typing import Dict, Optional, Type
 
 import torch
 import torch.nn as nn
@@ -174,7 +174,10 @@ class Resampler(Perceiver):
 
 
 class IDMapper(nn.Module):
-    """Interface of every mapper kind: ``(face_embeds (B, 512), clip_states (B, Tc, Dc)) -> (B, T_id, C)``."""
+    """Interface of every mapper kind: ``(face_embeds (B, 512), clip_states (B, Tc, Dc)) -> (B, T_id, C)``.
+
+    ``clip_states`` is None for a kind whose config says ``uses_clip`` is False.
+    """
 
     config: IDEncoderConfig
 
@@ -249,7 +252,7 @@ class FaceIDMapper(IDMapper):
     def face_tokens(self, face_embeds: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(face_embeds).view(face_embeds.shape[0], self.config.face_tokens, -1))
 
-    def forward(self, face_embeds: torch.Tensor, clip_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, face_embeds: torch.Tensor, clip_states: Optional[torch.Tensor]) -> torch.Tensor:
         return self.face_tokens(face_embeds)
 
 
@@ -304,7 +307,9 @@ class IDEncoder(nn.Module):
         return out.hidden_states[-2]
 
     def forward(self, face_embeds: torch.Tensor, clip_pixels: torch.Tensor) -> torch.Tensor:
-        return self.mapper(face_embeds, self.clip_states(clip_pixels))
+        # FaceID reads no CLIP states: the image encoder is not run for it.
+        states = self.clip_states(clip_pixels) if self.mapper.config.uses_clip else None
+        return self.mapper(face_embeds, states)
 
     def unconditional(self, batch: int = 1) -> torch.Tensor:
         """The unconditional ``c_id``: the mapper on a zero face embedding and on the
