@@ -42,6 +42,20 @@ def world(tmp_path_factory):
     return dict(root=root, weights=w, face=face, noise=noise, clip=pipe.c.clip_image, unet=pipe.c.unet)
 
 
+@pytest.fixture(scope="module")
+def reference(world):
+    """Per kind, once: the published file (with FaceID's in-file LoRA) and diffusers' result on it."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            path = write_public_adapter(world["root"] / kind, kind, world["unet"], clip_dim=32, seed=11, lora=True)
+            cache[kind] = (path, *run_diffusers(world, path, kind))
+        return cache[kind]
+
+    return get
+
+
 def diffusers_pipeline(world):
     """diffusers' SDXL pipeline over the same folders (tokenizers, encoders, U-Net, VAE, DDIM)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -120,10 +134,8 @@ def run_ours(world, adapter, **settings):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_diffusers_ip_adapter(world, kind):
-    lora = kind != "ip-adapter-plus-face"
-    path = write_public_adapter(world["root"] / kind, kind, world["unet"], clip_dim=32, seed=11, lora=lora)
-    ref_latents, ref_image = run_diffusers(world, path, kind)
+def test_matches_diffusers_ip_adapter(world, reference, kind):
+    path, ref_latents, ref_image = reference(kind)
     latents, image, pipe = run_ours(world, path, mixed_attention=False, adain=False)
     assert pipe.c.id_encoder.mapper.config.kind == kind
     assert rel_err(latents, ref_latents) < 1e-4
@@ -134,13 +146,12 @@ def test_matches_diffusers_ip_adapter(world, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_export_and_runtime_match_diffusers(world, kind):
+def test_export_and_runtime_match_diffusers(world, reference, kind):
     """The published file through export (ONNX) and the torch-free runtime on onnxruntime."""
     from infiniteid.export import ExportOptions, export_bundle
     from infiniteid.runtime import Runtime
 
-    path = write_public_adapter(world["root"] / f"rt-{kind}", kind, world["unet"], clip_dim=32, seed=13, lora=True)
-    ref_latents, ref_image = run_diffusers(world, path, kind)
+    path, ref_latents, ref_image = reference(kind)
     w = world["weights"]
     pipe = InfiniteIDPipeline.from_pretrained(w.base, w.image_encoder, path)
     opts = ExportOptions(mixed_attention=False, adain=False, slim=False, check=False, max_batch=1)
