@@ -145,6 +145,7 @@ def test_matches_diffusers_ip_adapter(world, reference, kind):
     assert np.isfinite(mixed).all() and rel_err(mixed, ref_latents) > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_and_runtime_match_diffusers(world, reference, kind):
     """The published file through export (ONNX) and the torch-free runtime on onnxruntime."""
