@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from infiniteid import generation as gen
-from infiniteid.model.adapter import AdapterError, read_adapter_config
 from infiniteid.model.pipeline import FaceInput, InfiniteIDPipeline
 from infiniteid.model.weights_folder import save_weight_folders
 from public_adapter_files import write_public_adapter
