@@ -144,15 +144,14 @@ def test_wrong_files_give_one_line_errors(world, tmp_path, capsys):
     assert "has ID projections for 7 cross-attention layers, this U-Net has 8" in convert_error(fewer)
 
     # Kind vs file, kind vs image encoder.
-    assert "holds a ip-adapter-plus-face projection, not ip-adapter-faceid" in convert_error(good, "--kind", "ip-adapter-faceid")
+    wrong_kind = "has the image_proj key layout of ip-adapter-plus-face, not of ip-adapter-faceid"
+    assert wrong_kind in convert_error(good, "--kind", "ip-adapter-faceid")
+    export = ("export", "--base", base, "--image-encoder", w.image_encoder, "--face-models", tmp_path, "--out", tmp_path / "b")
+    assert wrong_kind in cli_error(capsys, *export, "--adapter", good, "--adapter-kind", "ip-adapter-faceid")
     wide = write_public_adapter(tmp_path / "wide", "ip-adapter-plus-face", world["unet"], 48, seed=1)
     with pytest.raises(AdapterError, match="expects CLIP image states of width 48, the image encoder .* gives 32"):
         load(world, wide)
-    err = cli_error(
-        capsys, "export", "--base", base, "--image-encoder", w.image_encoder, "--adapter", wide,
-        "--face-models", tmp_path, "--out", tmp_path / "bundle",
-    )  # fmt: skip
-    assert "expects CLIP image states of width 48" in err
+    assert "expects CLIP image states of width 48" in cli_error(capsys, *export, "--adapter", wide)
 
     # FaceID-Plus v1 and v2 share a layout: a file whose name does not tell is not guessed.
     plus = write_public_adapter(tmp_path / "plus", "ip-adapter-faceid-plusv2", world["unet"], CLIP_DIM, seed=1)

@@ -79,7 +79,7 @@ def resolve_kind(requested: Optional[str], image_proj: Dict[str, torch.Tensor], 
         raise AdapterError(f"unknown adapter kind {requested!r}; published kinds: {', '.join(PUBLIC_KINDS)} (or auto)")
     family = FACEID_PLUS if requested == FACEID_PLUSV2 else requested
     if family != found:
-        raise AdapterError(f"{name} holds a {found} projection, not {requested} (its image_proj keys say so)")
+        raise AdapterError(f"{name} has the image_proj key layout of {found}, not of {requested}")
     return requested
 
 
