@@ -164,3 +164,15 @@ def test_wrong_files_give_one_line_errors(world, tmp_path, capsys):
     x = v1.face_tokens(face)
     assert torch.allclose(v2(face, clip), x + v1(face, clip), atol=1e-6)  # the v2 shortcut, scale 1
     assert FILE_NAMES["ip-adapter-faceid-plusv2"] != renamed.name
+
+
+def test_help_lists_kinds_and_examples():
+    from infiniteid.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices
+    text = sub["convert-adapter"].format_help()
+    assert "infiniteid convert-adapter ~/models/ip-adapter-plus-face_sdxl_vit-h.bin" in text
+    for kind in ("ip-adapter-plus-face", "ip-adapter-faceid-plusv2", "ip-adapter-faceid-plus", "ip-adapter-faceid"):
+        assert kind in text
+    export = sub["export"].format_help()
+    assert "--adapter-kind" in export and "ip-adapter-plus-face_sdxl_vit-h.bin" in export
