@@ -159,6 +159,12 @@ def test_export_and_runtime_match_diffusers(world, reference, kind):
     manifest = export_bundle(pipe, out, opts, overwrite=True, progress=False)
     tokens = {"ip-adapter-plus-face": 16}.get(kind, 4)
     assert manifest.model["id_tokens"] == tokens and manifest.model["id_encoder"]["kind"] == kind
+    # The profiles follow the kind's token count: one identity from the encoder, up to
+    # max_identities (2) concatenated into the U-Net.
+    enc = manifest.components["id_encoder"].tensor("id_embeds")
+    assert (enc.min[1], enc.max[1]) == (tokens, tokens)
+    unet = manifest.components["unet"].tensor("id_embeds")
+    assert (unet.min[1], unet.opt[1], unet.max[1]) == (tokens, tokens, 2 * tokens)
     rt = Runtime(out, backend="ort", intra_op_threads=2)
     try:
         req = gen.GenerationRequest(PROMPT, faces=[world["face"]], guidance=GUIDANCE, seed=3)
