@@ -40,7 +40,6 @@ from .kinds import FACEID, FACEID_PLUS, FACEID_PLUSV2, INFINITEID, PLUS_FACE
 FACE_EMBED_DIM = 512  # ArcFace
 
 
-
 @dataclass
 class ResamplerConfig:
     """A Perceiver resampler (IP-Adapter style) mapping CLIP states to ``num_queries`` tokens."""
@@ -166,8 +165,9 @@ class Resampler(Perceiver):
     """Perceiver resampler: ``(B, T, in_dim) -> (B, num_queries, out_dim)`` from learned latents."""
 
     def __init__(self, cfg: ResamplerConfig, in_dim: int, out_dim: int):
+        latents = torch.randn(1, cfg.num_queries, cfg.dim) / cfg.dim**0.5  # drawn first, as before the split
         super().__init__(cfg, in_dim, out_dim)
-        self.latents = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.dim) / cfg.dim**0.5)
+        self.latents = nn.Parameter(latents)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resample(x, self.latents.expand(x.shape[0], -1, -1))
@@ -185,6 +185,15 @@ class IDMapper(nn.Module):
         raise NotImplementedError
 
 
+def _face_mlp(cfg: IDEncoderConfig) -> nn.Sequential:
+    """``Linear(512 -> hidden) -> GELU -> Linear(hidden -> C * n)`` (published keys ``proj.0`` / ``proj.2``)."""
+    return nn.Sequential(
+        nn.Linear(cfg.face_embed_dim, cfg.face_hidden_dim),
+        nn.GELU(),
+        nn.Linear(cfg.face_hidden_dim, cfg.cross_attention_dim * cfg.face_tokens),
+    )
+
+
 class InfiniteIDMapper(IDMapper):
     """Infinite-ID's mapper: ``concat(clip_tokens, face_tokens)``, ``T_id = Tc + n`` (linear CLIP mapper)."""
 
@@ -192,11 +201,7 @@ class InfiniteIDMapper(IDMapper):
         super().__init__()
         self.config = cfg
         c = cfg.cross_attention_dim
-        self.face_mapper = nn.Sequential(
-            nn.Linear(cfg.face_embed_dim, cfg.face_hidden_dim),
-            nn.GELU(),
-            nn.Linear(cfg.face_hidden_dim, c * cfg.face_tokens),
-        )
+        self.face_mapper = _face_mlp(cfg)
         self.face_norm = nn.LayerNorm(c)
         if cfg.clip_mapper == "linear":
             self.clip_mapper: nn.Module = nn.Sequential(nn.Linear(cfg.clip_dim, c), nn.LayerNorm(c))
@@ -211,15 +216,6 @@ class InfiniteIDMapper(IDMapper):
         b = face_embeds.shape[0]
         face = self.face_norm(self.face_mapper(face_embeds).view(b, self.config.face_tokens, -1))
         return torch.cat([self.clip_mapper(clip_states), face], dim=1)
-
-
-def _face_mlp(cfg: IDEncoderConfig) -> nn.Sequential:
-    """``Linear(512 -> hidden) -> GELU -> Linear(hidden -> C * n)`` (published keys ``proj.0`` / ``proj.2``)."""
-    return nn.Sequential(
-        nn.Linear(cfg.face_embed_dim, cfg.face_hidden_dim),
-        nn.GELU(),
-        nn.Linear(cfg.face_hidden_dim, cfg.cross_attention_dim * cfg.face_tokens),
-    )
 
 
 class PlusFaceMapper(IDMapper):
