@@ -1,4 +1,4 @@
-"""The ID-adapter file: Infinite-ID's trainable weights in one ``.safetensors``.
+"""The ID-adapter file: the ID module's weights (Infinite-ID's own, or a converted public kind) in one ``.safetensors``.
 
 Format (version 2; version 1 files still load):
 
@@ -190,11 +190,17 @@ def fuse_lora(tensors: Dict[str, torch.Tensor], unet: nn.Module, name: str) -> i
     """
     layers = sorted({k[len(LORA_PREFIX):].rsplit(".", 3)[0] for k in tensors if k.startswith(LORA_PREFIX)})
     for proc in layers:
-        attn = unet.get_submodule(proc[: -len(".processor")])
+        try:
+            attn = unet.get_submodule(proc[: -len(".processor")])
+        except AttributeError:
+            raise AdapterError(f"{name}: LoRA for {proc}, which this U-Net does not have") from None
         for proj in ("to_q", "to_k", "to_v", "to_out"):
             linear = attn.to_out[0] if proj == "to_out" else getattr(attn, proj)
-            down = tensors[f"{LORA_PREFIX}{proc}.{proj}_lora.down.weight"].to(torch.float32)
-            up = tensors[f"{LORA_PREFIX}{proc}.{proj}_lora.up.weight"].to(torch.float32)
+            key = f"{LORA_PREFIX}{proc}.{proj}_lora"
+            if f"{key}.down.weight" not in tensors or f"{key}.up.weight" not in tensors:
+                raise AdapterError(f"{name}: {key}.down/up.weight missing (a truncated or edited file?)")
+            down = tensors[f"{key}.down.weight"].to(torch.float32)
+            up = tensors[f"{key}.up.weight"].to(torch.float32)
             if (up.shape[0], down.shape[1]) != tuple(linear.weight.shape) or up.shape[1] != down.shape[0]:
                 raise AdapterError(
                     f"{name}: LoRA {proc} {proj} has shapes {tuple(up.shape)} x {tuple(down.shape)}, "
