@@ -153,7 +153,11 @@ def load_adapter(path: Union[str, Path], unet: nn.Module) -> IDMapper:
 
 
 def fill_unet(path: Path, cfg: IDEncoderConfig, tensors: Dict[str, torch.Tensor], unet: nn.Module) -> IDMapper:
-    """Build the mapper from ``mapper.*`` tensors and fill the U-Net's ``attn2.*`` projections (strict)."""
+    """Build the mapper from ``mapper.*`` tensors and fill the U-Net's ``attn2.*`` projections (strict).
+
+    ``lora.*`` tensors are fused into the U-Net's own weights: load an adapter once
+    into a freshly loaded U-Net (as the pipeline does), never twice into one.
+    """
     procs = id_processors(unet)
     if not procs:
         raise AdapterError("the U-Net has no Infinite-ID processors installed; call install_processors first")
