@@ -39,7 +39,9 @@ GPU = [
 # tensorrt-lean and cuda-python install without a GPU: the tests check that every
 # TensorRT / CUDA name the backend calls exists in the real bindings.
 # polygraphy is pure Python: `check --against polygraphy` runs its onnxruntime runner on a CPU.
-TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2", "polygraphy>=0.49"]
+# peft: diffusers' IP-Adapter loader applies FaceID's in-file LoRA through it (the
+# reference the public-adapter tests compare against; our loader fuses it itself).
+TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2", "polygraphy>=0.49", "peft>=0.13"]
 
 setup(
     name="infiniteid-rt",

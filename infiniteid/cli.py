@@ -13,7 +13,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS = ("demo", "generate", "export", "inspect", "build", "check", "selftest")
+COMMANDS = ("demo", "generate", "export", "inspect", "build", "check", "selftest", "convert-adapter")
 
 
 class UserError(Exception):
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"infiniteid.commands.{name}").register(sub)
+        importlib.import_module(f"infiniteid.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 

@@ -1,7 +1,8 @@
 """``infiniteid export``: the model to a bundle (ONNX graphs, tokenizers, manifest).
 
 Real weights are local folders only (nothing is downloaded): a diffusers SDXL
-folder, a CLIP image encoder folder, an Infinite-ID adapter file, and the
+folder, a CLIP image encoder folder, an ID adapter file (this project's format,
+or a published IP-Adapter face file: plus-face, FaceID-PlusV2, FaceID), and the
 insightface folder with your face detector and ArcFace ONNX files (referenced in
 the manifest by path and hash, never copied). ``--tiny`` exports the tiny seeded
 random-weight model instead (for tests and demos: its images are noise).
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..cli import UserError
+from ..model.kinds import AUTO, PUBLIC_KINDS
 
 EPILOG = """\
 examples:
@@ -22,6 +24,9 @@ examples:
       --adapter ~/models/infiniteid.safetensors --face-models ~/.insightface/models/antelopev2 \\
       --out out/sdxl-fp16 --precision fp16 --height 1024 --width 1024 --max-batch 4
   infiniteid export --tiny --out out/tiny --no-adain --overwrite     # an ablation bundle
+  infiniteid export --base ~/models/sdxl-base-1.0 --image-encoder ~/models/clip-vit-h-14 \\
+      --adapter ~/models/ip-adapter-plus-face_sdxl_vit-h.bin --face-models ~/.insightface/models/antelopev2 \\
+      --out out/plus-face --precision fp16           # a published face adapter, as downloaded
   infiniteid export --base ~/models/sdxl-base-1.0 ... --out out/lightning \\
       --lora ~/loras/sdxl_lightning_4step_lora.safetensors --lora ~/loras/style.safetensors:0.8 \\
       --scheduler-config trailing                                 # a few-step base: 4 steps, guidance 1
@@ -52,7 +57,18 @@ def register(subparsers: Any) -> None:
     src = p.add_argument_group("model (real weights, local folders only)")
     src.add_argument("--base", type=Path, help="diffusers SDXL folder (model_index.json, unet/, vae/, ...)")
     src.add_argument("--image-encoder", type=Path, help="CLIP image encoder folder (transformers format)")
-    src.add_argument("--adapter", type=Path, help="Infinite-ID adapter .safetensors file")
+    src.add_argument(
+        "--adapter",
+        type=Path,
+        help="ID adapter: this project's .safetensors, or a published IP-Adapter face file (.bin/.safetensors)",
+    )
+    src.add_argument(
+        "--adapter-kind",
+        default=AUTO,
+        choices=(AUTO,) + PUBLIC_KINDS,
+        metavar="KIND",
+        help="kind of a published adapter file (default: auto, from its keys and name; see convert-adapter)",
+    )
     src.add_argument("--face-models", type=Path, help="insightface folder with the detector and ArcFace .onnx files")
     src.add_argument("--tiny", action="store_true", help="export the tiny seeded random-weight model instead")
     src.add_argument("--seed", type=int, default=0, help="seed of the tiny model (default 0)")
@@ -251,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
         from ..model.loading import WeightsError
 
         try:
-            pipeline = InfiniteIDPipeline.from_pretrained(args.base, args.image_encoder, args.adapter)
+            pipeline = InfiniteIDPipeline.from_pretrained(args.base, args.image_encoder, args.adapter, kind=args.adapter_kind)
         except (WeightsError, AdapterError) as e:
             raise UserError(str(e)) from None
     fuse(pipeline.c, loras)

@@ -56,7 +56,7 @@ def register(subparsers: Any) -> None:
     which.add_argument("--bundle", type=Path, help="exported bundle folder (runs the torch-free runtime)")
     which.add_argument("--base", type=Path, help="SDXL diffusers folder (runs the PyTorch reference)")
     src.add_argument("--image-encoder", type=Path, help="CLIP image encoder folder (with --base)")
-    src.add_argument("--adapter", type=Path, help="Infinite-ID adapter .safetensors (with --base)")
+    src.add_argument("--adapter", type=Path, help="ID adapter: this project's .safetensors or a published IP-Adapter face file (with --base)")
     src.add_argument(
         "--face-models",
         type=Path,

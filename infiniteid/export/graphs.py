@@ -67,7 +67,17 @@ class IDEncoderGraph(nn.Module):
         self.id_encoder = id_encoder
 
     def forward(self, face_embeds: torch.Tensor, clip_pixels: torch.Tensor) -> torch.Tensor:
-        return self.id_encoder(face_embeds, clip_pixels)
+        tokens = self.id_encoder(face_embeds, clip_pixels)
+        # Every kind's graph takes both inputs, so the runtime and the engines feed all
+        # kinds alike. A kind that ignores one (plus-face the face embedding, FaceID the
+        # CLIP pixels) still consumes one element of it times zero: the exporter drops
+        # an unused input from the graph, and TensorRT would drop its binding.
+        cfg = self.id_encoder.mapper.config
+        if not cfg.uses_face:
+            tokens = tokens + 0.0 * face_embeds[:, :1, None]
+        if not cfg.uses_clip:
+            tokens = tokens + 0.0 * clip_pixels[:, 0, 0, :1, None]
+        return tokens
 
 
 class UNetGraph(nn.Module):

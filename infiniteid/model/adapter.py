@@ -1,14 +1,23 @@
-"""The ID-adapter file: Infinite-ID's trainable weights in one ``.safetensors``.
+"""The ID-adapter file: the ID module's weights (Infinite-ID's own, or a converted public kind) in one ``.safetensors``.
 
-Format (version 1):
+Format (version 2; version 1 files still load):
 
-* tensors ``mapper.<name>``: the ID mapper's state dict (face mapper, CLIP mapper);
+* tensors ``mapper.<name>``: the ID mapper's state dict (its kind's modules);
 * tensors ``attn2.<processor>.to_k_ip.weight`` / ``.to_v_ip.weight``: the identity
   projections of every ``attn2``, keyed by diffusers' processor name, e.g.
   ``down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor``;
+* optional tensors ``lora.<processor>.{to_q,to_k,to_v,to_out}_lora.{down,up}.weight``
+  (version 2): a LoRA that came inside a published FaceID file, fused into the
+  U-Net's attention projections on load;
 * metadata (safetensors' string header): ``format`` = ``infiniteid-adapter``,
-  ``format_version`` = ``1``, ``id_encoder`` = the mapper config as JSON
-  (kind, dims, token counts), ``cross_attention_dim``, ``num_id_layers``.
+  ``format_version`` = ``2``, ``kind`` = the mapper kind (``infiniteid``,
+  ``ip-adapter-plus-face``, ...; new in version 2), ``id_encoder`` = the mapper
+  config as JSON (kind, dims, token counts), ``cross_attention_dim``,
+  ``num_id_layers``, and ``source`` when the file was converted from a published one.
+
+Version 1 had no ``kind`` entry and only Infinite-ID's own mapper; its files load
+as kind ``infiniteid``. Published IP-Adapter files are converted by
+:mod:`infiniteid.model.public_adapter`.
 
 Saving then loading is bit-exact: tensors are stored in their own dtype.
 """
@@ -16,21 +25,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from safetensors import safe_open
 
 from .id_encoder import IDEncoderConfig, IDMapper, build_mapper
 from .processors import id_processors
+from .weights_file import WeightsFileError, load_weights_file
 
 FORMAT = "infiniteid-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = ("1", "2")
 MAPPER_PREFIX = "mapper."
 LAYER_PREFIX = "attn2."
+LORA_PREFIX = "lora."
 
 
 class AdapterError(ValueError):
@@ -42,19 +54,35 @@ def save_adapter(path: Union[str, Path], mapper: IDMapper, unet: nn.Module) -> N
     procs = id_processors(unet)
     if not procs:
         raise AdapterError("the U-Net has no Infinite-ID processors installed; call install_processors first")
+    layers = {name: proc.state_dict() for name, proc in procs.items()}
+    write_adapter(path, mapper.config, adapter_tensors(mapper.state_dict(), layers))
+
+
+def adapter_tensors(mapper_sd: Dict[str, torch.Tensor], layers: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The file's flat tensor layout from the mapper's state dict and ``{processor name: {"to_k_ip.weight": ..}}``."""
     tensors: Dict[str, torch.Tensor] = {}
-    for k, v in mapper.state_dict().items():
+    for k, v in mapper_sd.items():
         tensors[MAPPER_PREFIX + k] = v.detach().cpu().contiguous()
-    for name, proc in procs.items():
-        for k, v in proc.state_dict().items():
+    for name, sd in layers.items():
+        for k, v in sd.items():
             tensors[f"{LAYER_PREFIX}{name}.{k}"] = v.detach().cpu().contiguous()
+    return tensors
+
+
+def write_adapter(path: Union[str, Path], cfg: IDEncoderConfig, tensors: Dict[str, torch.Tensor], source: Optional[str] = None) -> None:
+    """Write ``tensors`` (the flat layout of :func:`adapter_tensors`) with ``cfg`` in the header, atomically."""
+    cfg.validate()
+    layers = {k[len(LAYER_PREFIX):].rsplit(".", 2)[0] for k in tensors if k.startswith(LAYER_PREFIX)}
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
-        "id_encoder": json.dumps(mapper.config.to_dict(), sort_keys=True),
-        "cross_attention_dim": str(mapper.config.cross_attention_dim),
-        "num_id_layers": str(len(procs)),
+        "kind": cfg.kind,
+        "id_encoder": json.dumps(cfg.to_dict(), sort_keys=True),
+        "cross_attention_dim": str(cfg.cross_attention_dim),
+        "num_id_layers": str(len(layers)),
     }
+    if source is not None:
+        meta["source"] = source
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -64,7 +92,31 @@ def save_adapter(path: Union[str, Path], mapper: IDMapper, unet: nn.Module) -> N
 
 def read_adapter_config(path: Union[str, Path]) -> IDEncoderConfig:
     """The mapper config stored in an adapter's header (validates the format)."""
-    return IDEncoderConfig.from_dict(json.loads(_metadata(Path(path))["id_encoder"]))
+    return _config(Path(path), _metadata(Path(path)))
+
+
+def is_adapter_file(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a ``.safetensors`` file whose header says it is in this format (any version)."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
+
+
+def _config(path: Path, meta: Dict[str, str]) -> IDEncoderConfig:
+    try:
+        d = json.loads(meta["id_encoder"])
+        cfg = IDEncoderConfig.from_dict(d)
+    except (KeyError, ValueError, TypeError) as e:
+        raise AdapterError(f"{path}: the header's ID encoder config is unreadable ({e})") from None
+    kind = meta.get("kind", "infiniteid")  # version 1 files: Infinite-ID's mapper, no kind entry
+    if kind != cfg.kind:
+        raise AdapterError(f"{path}: the header says kind {kind!r} but its ID encoder config says {cfg.kind!r}")
+    return cfg
 
 
 def _metadata(path: Path) -> Dict[str, str]:
@@ -77,9 +129,10 @@ def _metadata(path: Path) -> Dict[str, str]:
         raise AdapterError(f"{path} is not a readable .safetensors file: {e}") from None
     if meta.get("format") != FORMAT:
         raise AdapterError(f"{path} is not an Infinite-ID adapter (header format={meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise AdapterError(
-            f"{path} has adapter format version {meta.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+            f"{path} has adapter format version {meta.get('format_version')!r}; this version reads "
+            f"{' and '.join(READABLE_VERSIONS)}"
         )
     return meta
 
@@ -91,10 +144,23 @@ def load_adapter(path: Union[str, Path], unet: nn.Module) -> IDMapper:
     match the file layer for layer and shape for shape.
     """
     path = Path(path)
-    meta = _metadata(path)
-    cfg = IDEncoderConfig.from_dict(json.loads(meta["id_encoder"]))
-    tensors = load_file(str(path))
+    cfg = _config(path, _metadata(path))
+    try:
+        tensors = load_weights_file(path)
+    except WeightsFileError as e:
+        raise AdapterError(str(e)) from None
+    return fill_unet(path, cfg, tensors, unet)
+
+
+def fill_unet(path: Path, cfg: IDEncoderConfig, tensors: Dict[str, torch.Tensor], unet: nn.Module) -> IDMapper:
+    """Build the mapper from ``mapper.*`` tensors and fill the U-Net's ``attn2.*`` projections (strict).
+
+    ``lora.*`` tensors are fused into the U-Net's own weights: load an adapter once
+    into a freshly loaded U-Net (as the pipeline does), never twice into one.
+    """
     procs = id_processors(unet)
+    if not procs:
+        raise AdapterError("the U-Net has no Infinite-ID processors installed; call install_processors first")
     if cfg.cross_attention_dim != unet.config.cross_attention_dim:
         raise AdapterError(
             f"{path} was made for cross-attention width {cfg.cross_attention_dim}, "
@@ -115,8 +181,39 @@ def load_adapter(path: Union[str, Path], unet: nn.Module) -> IDMapper:
         prefix = f"{LAYER_PREFIX}{name}."
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         _load_strict(proc, sd, path, name)
+    fuse_lora(tensors, unet, str(path))
     p = next(unet.parameters())
     return mapper.to(device=p.device, dtype=p.dtype)
+
+
+def fuse_lora(tensors: Dict[str, torch.Tensor], unet: nn.Module, name: str) -> int:
+    """Fuse ``lora.*`` tensors into the U-Net's attention projections; returns the layers fused.
+
+    ``W += up @ down`` for ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` (scale 1: FaceID's
+    in-file LoRA has no alpha, and diffusers loads it at weight 1.0).
+    """
+    layers = sorted({k[len(LORA_PREFIX):].rsplit(".", 3)[0] for k in tensors if k.startswith(LORA_PREFIX)})
+    for proc in layers:
+        try:
+            attn = unet.get_submodule(proc[: -len(".processor")])
+        except AttributeError:
+            raise AdapterError(f"{name}: LoRA for {proc}, which this U-Net does not have") from None
+        for proj in ("to_q", "to_k", "to_v", "to_out"):
+            linear = attn.to_out[0] if proj == "to_out" else getattr(attn, proj)
+            key = f"{LORA_PREFIX}{proc}.{proj}_lora"
+            if f"{key}.down.weight" not in tensors or f"{key}.up.weight" not in tensors:
+                raise AdapterError(f"{name}: {key}.down/up.weight missing (a truncated or edited file?)")
+            down = tensors[f"{key}.down.weight"].to(torch.float32)
+            up = tensors[f"{key}.up.weight"].to(torch.float32)
+            if (up.shape[0], down.shape[1]) != tuple(linear.weight.shape) or up.shape[1] != down.shape[0]:
+                raise AdapterError(
+                    f"{name}: LoRA {proc} {proj} has shapes {tuple(up.shape)} x {tuple(down.shape)}, "
+                    f"the layer is {tuple(linear.weight.shape)}"
+                )
+            with torch.no_grad():
+                w = linear.weight
+                w.copy_((w.to(torch.float32) + up @ down).to(w.dtype))
+    return len(layers)
 
 
 def _load_strict(module: nn.Module, sd: Dict[str, torch.Tensor], path: Path, what: str) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from ..imageproc import ClipImageConfig
 from ..tokenize import PromptTokenizer, configure_padding
-from .adapter import load_adapter, read_adapter_config
+from .adapter import AdapterError
 from .id_encoder import IDEncoder
 from .pipeline import Components
 from .processors import install_processors
@@ -74,8 +74,13 @@ def load_components(
     image_encoder: Union[str, Path],
     adapter: Union[str, Path],
     face_models: Optional[Union[str, Path]] = None,
+    kind: str = "auto",
 ) -> Components:
-    """SDXL from a diffusers folder, the CLIP image encoder, and an Infinite-ID adapter file."""
+    """SDXL from a diffusers folder, the CLIP image encoder, and an ID adapter file: this
+    project's format or a published IP-Adapter face file (``kind``: see
+    :mod:`infiniteid.model.public_adapter`; ``auto`` reads it from the file)."""
+    from .public_adapter import load_id_module
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
@@ -95,13 +100,15 @@ def load_components(
     except (OSError, ValueError, EnvironmentError) as e:
         raise WeightsError(f"cannot load weights: {e}") from None
 
-    cfg = read_adapter_config(adapter)
-    if cfg.clip_dim != vision.config.hidden_size:
-        raise WeightsError(
-            f"the adapter expects CLIP states of width {cfg.clip_dim}, the image encoder in {enc_dir} gives {vision.config.hidden_size}"
-        )
     install_processors(unet)
-    mapper = load_adapter(adapter, unet)
+    mapper = load_id_module(adapter, unet, kind)
+    cfg = mapper.config
+    if cfg.uses_clip and cfg.clip_dim != vision.config.hidden_size:
+        raise AdapterError(
+            f"the adapter (kind {cfg.kind}) expects CLIP image states of width {cfg.clip_dim}, the image encoder "
+            f"in {enc_dir} gives {vision.config.hidden_size}: use the image encoder the adapter was trained with "
+            "(ViT-H/14, width 1280, for the SDXL face adapters)"
+        )
     index = json.loads((base / "model_index.json").read_text()) if (base / "model_index.json").is_file() else {}
     scheduler_config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     face = None

@@ -101,11 +101,13 @@ class InfiniteIDPipeline:
         face_models: Optional[Union[str, Path]] = None,
         device: Union[str, torch.device] = "cpu",
         dtype: torch.dtype = torch.float32,
+        kind: str = "auto",
     ) -> "InfiniteIDPipeline":
-        """Local folders only: an SDXL diffusers folder, a CLIP image encoder folder, an adapter file."""
+        """Local folders only: an SDXL diffusers folder, a CLIP image encoder folder, an adapter file
+        (this project's format, or a published IP-Adapter face file of ``kind``)."""
         from .loading import load_components
 
-        return cls(load_components(base, image_encoder, adapter, face_models), device=device, dtype=dtype)
+        return cls(load_components(base, image_encoder, adapter, face_models, kind=kind), device=device, dtype=dtype)
 
     # -- encoders ---------------------------------------------------------------
     @torch.no_grad()
