@@ -129,16 +129,22 @@ _OPENAPI_BODY = {
 }
 
 
-def create_app(config: ServerConfig, runtime: Any = None, on_fatal: Optional[Callable[[str], None]] = None) -> FastAPI:
+def create_app(config: ServerConfig, runtime: Any = None, on_fatal: Optional[Callable[[str], None]] = None,
+               load_in_background: bool = True) -> FastAPI:
     """The application. ``runtime``: a ready :class:`~infiniteid.runtime.Runtime` to serve
     (else ``config.bundle`` is loaded, hashes verified); ``on_fatal(message)`` is called when
-    the bundle cannot be loaded (the command uses it to exit)."""
+    the bundle cannot be loaded (the command uses it to exit). ``load_in_background=False``
+    finishes loading and warm-up inside start-up (a Ray Serve replica is ready only then)."""
     config.validate()
     state = ServerState(config, runtime, on_fatal)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         starting = asyncio.get_running_loop().create_task(state.start())
+        if not load_in_background:
+            await starting
+            if state.error:
+                raise RuntimeError(f"the server cannot start: {state.error}")
         yield
         if not starting.done():
             starting.cancel()

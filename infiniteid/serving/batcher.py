@@ -5,7 +5,9 @@
   refused (:class:`QueueFull`, answered 429 with ``Retry-After``).
 * Requests whose batch keys match (resolution, steps, scheduler, switches,
   identity-token count) join one batch, oldest first, up to ``max_batch``; the
-  oldest waits at most ``window`` seconds for company.
+  oldest waits at most ``window`` seconds for company, and only while other
+  admitted requests are still on their way (a lone request starts at once, so
+  batching costs nothing at concurrency 1).
 * One batch at a time runs on the backend, in one worker thread; the event loop
   keeps accepting, decoding and encoding faces meanwhile.
 * A request whose caller gave up (timeout: its future is cancelled) is dropped
@@ -133,7 +135,8 @@ class MicroBatcher:
             while self._accepting:
                 same = sum(1 for j in self._pending if j.item.key == first.item.key and not j.future.done())
                 left = until - time.perf_counter()
-                if same >= self.max_batch or left <= 0:
+                on_their_way = self._admitted - len(self._pending)  # admitted, still decoding or encoding faces
+                if same >= self.max_batch or left <= 0 or on_their_way <= 0:
                     break
                 self._wakeup.clear()
                 try:
