@@ -176,7 +176,9 @@ def _local_online(args: argparse.Namespace, h: int, w: int, concurrency: List[in
     if args.face is None and args.face_models is None:
         from .demo import cache_dir, synthetic_face_models
 
-        face_models = synthetic_face_models(cache_dir())  # the demo's drawn face is made for these
+        cache = cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        face_models = synthetic_face_models(cache)  # the demo's drawn face is made for these
     else:
         face_models = args.face_models
     cfg = ServerConfig(bundle=args.bundle, backend=args.backend, face_models=face_models, threads=args.threads,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any, List
@@ -122,6 +121,11 @@ def run(args: argparse.Namespace) -> int:
 
     server.config.app = create_app(config, on_fatal=fatal)
     print(f"serving {config.bundle} on http://{host}:{port} (API docs at /docs); Ctrl-C drains and stops", flush=True)
+    # uvicorn handles SIGINT/SIGTERM while it runs (graceful drain), then re-raises the signal to
+    # the handler it found; with these, that ends in a clean exit instead of a kill.
+    stopped_by: List[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stopped_by.append(signum))
     server.run(sockets=[sock])
     sock.close()
     if failed:
