@@ -45,7 +45,8 @@ SERVE = [
 ]
 # tensorrt-lean and cuda-python install without a GPU: the tests check that every
 # TensorRT / CUDA name the backend calls exists in the real bindings.
-TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2"] + SERVE
+# websockets drives headless Chromium over the DevTools protocol in the page test.
+TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2", "websockets>=12"] + SERVE
 
 setup(
     name="infiniteid-rt",
