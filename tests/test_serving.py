@@ -108,7 +108,7 @@ def test_health_ready_page_and_docs(server):
     assert call(server.url + "/healthz")[0] == 200
     ready = wait_ready(server.url)
     assert ready["max_batch"] == 4 and ready["backend"] == "ort"
-    assert {"load_and_verify_s", "warmup_s"} <= set(ready["startup"]) or "warmup_s" in ready["startup"]
+    assert ready["startup"]["warmup_s"] > 0  # the runtime was given ready-made: no load to time
     status, headers, body = call(server.url + "/", accept="text/html")
     assert status == 200 and b'id="face"' in body and b"/v1/generate" in body
     status, _, body = call(server.url + "/openapi.json")
@@ -224,8 +224,7 @@ def test_multipart_mistakes_and_limits(server):
 def test_a_backend_failure_fails_only_its_batch(server):
     """A poisoned request and a normal one with other batch settings arrive together: the poisoned
     batch gets 500, the other batch 200, and the server keeps serving."""
-    errors = total(labelled(metric(server.url, "infiniteid_batches_total"), outcome="error") and
-                   {"e": labelled(metric(server.url, "infiniteid_batches_total"), outcome="error")[0]} or {})
+    errors = (labelled(metric(server.url, "infiniteid_batches_total"), outcome="error") or [0])[0]
     with ThreadPoolExecutor(2) as pool:
         bad = pool.submit(post_json, server.url, job(5, id_scale=POISON_ID_SCALE))
         good = pool.submit(post_json, server.url, job(6, steps=3))

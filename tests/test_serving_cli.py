@@ -121,3 +121,18 @@ def test_bench_offline_and_against_a_local_server(bundle_dir, tmp_path):
     for lv in online["levels"]:
         assert lv["sent"] == 4 and lv["ok"] == 4 and lv["errors"] == 0
     assert "overhead" in online["server_overhead_at_batch_1"]
+
+
+def test_serve_config_file_builder_sets_one_gpu_per_replica(bundle_dir):
+    """What a Serve config file's ``import_path: infiniteid.serving.ray_app:build_app`` builds
+    (no cluster needed to bind an application)."""
+    pytest.importorskip("ray", reason="Ray Serve is not installed")
+    from infiniteid.serving import ray_app
+
+    d = ray_app.build_app({"bundle": str(bundle_dir), "replicas": 3, "num_gpus": 1, "queue": 10})._bound_deployment
+    assert (d.name, d.num_replicas, d.ray_actor_options) == (ray_app.DEPLOYMENT, 3, {"num_gpus": 1.0, "num_cpus": 1.0})
+    auto = ray_app.build_app({"bundle": str(bundle_dir), "autoscaling": {"min_replicas": 1, "max_replicas": 4}})
+    cfg = auto._bound_deployment._deployment_config.autoscaling_config
+    assert (cfg.min_replicas, cfg.max_replicas) == (1, 4)
+    with pytest.raises(Exception, match="queue"):
+        ray_app.build_app({"bundle": str(bundle_dir), "queue": 0})
