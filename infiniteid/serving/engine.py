@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import astuple, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
