@@ -115,6 +115,17 @@ class MicroBatcher:
     # -- the worker --------------------------------------------------------------------
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="infiniteid-batcher")
+        self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: "asyncio.Task") -> None:
+        """The worker only ends by draining; if it died of a bug, nothing queued may hang."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the batch worker failed: %r", task.exception())
+        self._accepting = False
+        for j in self._pending:
+            if not j.future.done():
+                j.future.set_exception(RequestError(500, "the server's batch worker failed; see its log"))
 
     def _live(self) -> None:
         for j in [j for j in self._pending if j.future.done()]:  # callers that timed out: dropped
