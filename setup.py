@@ -29,6 +29,7 @@ EXPORT = [
     "onnx>=1.17",
     "onnxscript>=0.2",
     "onnxslim>=0.1.40",
+    "peft>=0.17",  # diffusers' LoRA backend: export --lora / generate --lora fuse LoRAs with it
 ]
 GPU = [
     "triton>=3.1",

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .contract import COMPONENTS, Dim
 
@@ -108,8 +109,14 @@ class Manifest:
     ``force_zeros_for_empty_prompt``; ``id_encoder`` (the mapper config).
     ``resolution``: ``multiple``, ``min``, ``max``, ``default_height``, ``default_width``.
     ``sources``: source weight file (or ``state_dict/<module>`` for in-memory
-    weights) -> sha256. ``face_models``: ``{"path": folder, "files": {name: sha256}}``,
-    the user's insightface folder, referenced and never copied.
+    weights) -> sha256. ``face_models``: ``{"path": folder, "files": {name: sha256},
+    "recorded_here": tag}``, the user's insightface folder, referenced and never
+    copied; the runtime follows it only when the tag shows it was recorded by an
+    export on the same machine (:func:`face_models_recorded_here`). ``loras``: the LoRAs
+    fused into the graphs' weights at export, in order (``file``, ``sha256``,
+    ``scale``, ``components``, ``layers``). ``scheduler_override``: the keys the
+    export set over the base model's scheduler config (``scheduler_config`` is the
+    result), e.g. ``{"timestep_spacing": "trailing"}`` for a few-step base; None when none.
     """
 
     components: Dict[str, ComponentSpec]
@@ -124,6 +131,8 @@ class Manifest:
     created: str = ""
     face_models: Optional[Dict[str, Any]] = None  # the user's insightface folder, referenced, never copied
     tokenizers: Tuple[str, ...] = TOKENIZER_FILES
+    loras: List[Dict[str, Any]] = field(default_factory=list)  # fused LoRAs: file, sha256, scale, components, layers
+    scheduler_override: Optional[Dict[str, Any]] = None  # keys the export set over the base's scheduler config
 
     # -- io ---------------------------------------------------------------------
     def to_json(self) -> str:
@@ -172,12 +181,38 @@ class Manifest:
             raise BundleError(f"{where}: max_images must be >= 1")
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, streamed (ONNX files with external data are large)."""
+# -- the face-model folder: a user path, followed only when recorded on this machine -----------
+FACE_MODELS_KIND = "face-models"
+
+
+def _face_models_fields(record: Dict[str, Any]) -> str:
+    return json.dumps({"path": record.get("path"), "files": record.get("files")}, sort_keys=True)
+
+
+def tag_face_models(record: Dict[str, Any]) -> Dict[str, Any]:
+    """``record`` (``{"path", "files"}``) with ``recorded_here``: this machine's tag (:mod:`.provenance`)."""
+    from . import provenance
+
+    return {**record, "recorded_here": provenance.tag(FACE_MODELS_KIND, _face_models_fields(record))}
+
+
+def face_models_recorded_here(record: Optional[Dict[str, Any]]) -> bool:
+    """The manifest's face-model record was written by an export on this machine (its tag verifies)."""
+    from . import provenance
+
+    if not isinstance(record, dict):
+        return False
+    return provenance.made_here(FACE_MODELS_KIND, _face_models_fields(record), record.get("recorded_here"))
+
+
+def file_digest(path: Path, chunk: int = 1 << 20, on_bytes: Optional[Callable[[int], None]] = None) -> str:
+    """sha256 of a file, streamed (ONNX files with external data are large); ``on_bytes(n)`` per chunk read."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for b in iter(lambda: f.read(chunk), b""):
             h.update(b)
+            if on_bytes is not None:
+                on_bytes(len(b))
     return h.hexdigest()
 
 
@@ -209,6 +244,37 @@ def write_manifest(bundle: Union[str, Path], manifest: Manifest) -> Path:
     return path
 
 
+# -- containment: a bundle names files inside its own folder, nothing else ------------------
+def inside_bundle(root: Union[str, Path], rel: Any, key: str, *, base: Optional[Path] = None,
+                  where: Optional[Union[str, Path]] = None) -> Path:
+    """The resolved path of ``rel`` if it lies inside the bundle folder ``root``; else a :class:`BundleError`.
+
+    The one containment check for every path a bundle names: manifest entries
+    (component files, external weights, tokenizers), the locations inside ONNX
+    files, engine folders, plans and sidecars. ``rel`` is taken relative to
+    ``base`` (default ``root``; an ONNX file's folder for its external data) and
+    must be a relative path that, with every symlink followed, stays inside
+    ``root``. Nothing is opened: only the path is resolved. ``key`` names the
+    entry in the message (e.g. ``components.unet.file``); ``where`` is the file
+    that names it (default ``root/manifest.json``).
+    """
+    root = Path(root).resolve()
+    where = where if where is not None else root / MANIFEST
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise BundleError(f"{where}: {key} must be a path relative to the bundle folder, got {rel!r}")
+    if Path(rel).is_absolute() or Path(rel).drive:
+        raise BundleError(f"{where}: {key} is the absolute path {rel!r}; a bundle may only name files inside "
+                          f"its own folder ({root}), so it is refused")
+    full = (Path(base) if base is not None else root).resolve() / rel
+    resolved = full.resolve()
+    if not resolved.is_relative_to(root):
+        named = key if key == rel else f"{key} = {rel!r}"
+        raise BundleError(f"{where}: {named} resolves to {resolved}, outside the bundle folder {root} "
+                          "(through '..' or a symlink); a bundle may only name files inside its folder, "
+                          "so it is refused")
+    return resolved
+
+
 def _check_size(path: Path, recorded: int, what: str) -> None:
     if recorded and path.stat().st_size != recorded:
         raise BundleError(
@@ -217,24 +283,95 @@ def _check_size(path: Path, recorded: int, what: str) -> None:
         )
 
 
-def check_files(bundle: Union[str, Path], manifest: Manifest, verify_hashes: bool = False) -> None:
-    """Every file the manifest names exists with its recorded size (and, optionally, hash)."""
+def manifest_paths(bundle: Union[str, Path], manifest: Manifest) -> Dict[str, Path]:
+    """Manifest key -> resolved path of every file the manifest names, each checked by :func:`inside_bundle`.
+
+    Keys: ``tokenizers[<i>]``, ``components.<name>.file``, ``components.<name>.external_data``.
+    The manifest's face-model folder is not a bundle file (see the runtime's rule for it).
+    """
+    out: Dict[str, Path] = {}
+    for i, rel in enumerate(manifest.tokenizers):
+        out[f"tokenizers[{i}]"] = inside_bundle(bundle, rel, f"tokenizers[{i}]")
+    for name, c in manifest.components.items():
+        out[f"components.{name}.file"] = inside_bundle(bundle, c.file, f"components.{name}.file")
+        if c.external_data:
+            key = f"components.{name}.external_data"
+            out[key] = inside_bundle(bundle, c.external_data, key)
+    return out
+
+
+def check_files(bundle: Union[str, Path], manifest: Manifest, verify_hashes: bool = False) -> Optional["HashReport"]:
+    """Every file the manifest names exists with its recorded size (and, with ``verify_hashes``, hash:
+    :func:`verify_file_hashes`, whose report is returned)."""
     bundle = Path(bundle)
-    for rel in manifest.tokenizers:
-        if not (bundle / rel).is_file():
-            raise BundleError(f"{bundle / rel}: tokenizer file missing from the bundle")
+    paths = manifest_paths(bundle, manifest)  # every path first: nothing outside the bundle is touched
+    for i, rel in enumerate(manifest.tokenizers):
+        if not paths[f"tokenizers[{i}]"].is_file():
+            raise BundleError(f"{paths[f'tokenizers[{i}]']}: tokenizer file missing from the bundle")
     for c in manifest.components.values():
-        p = bundle / c.file
+        p = paths[f"components.{c.name}.file"]
         if not p.is_file():
             raise BundleError(f"{p}: ONNX file of component {c.name!r} missing from the bundle")
         _check_size(p, c.size, f"the ONNX file of component {c.name!r}")
-        data = bundle / c.external_data if c.external_data else None
+        data = paths.get(f"components.{c.name}.external_data")
         if data is not None:
             if not data.is_file():
                 raise BundleError(f"{data}: external weights of component {c.name!r} missing")
             _check_size(data, c.external_size, f"the external weights of component {c.name!r}")
-        if verify_hashes:
-            if file_digest(p) != c.sha256:
-                raise BundleError(f"{p}: sha256 differs from the manifest; the file changed after export")
-            if data is not None and c.external_sha256 and file_digest(data) != c.external_sha256:
-                raise BundleError(f"{data}: sha256 differs from the manifest; the file changed after export")
+    return verify_file_hashes(bundle, manifest) if verify_hashes else None
+
+
+# -- hashes: what verifying costs is reported, so a server can decide and say ---------------------
+@dataclass
+class HashReport:
+    """What a hash verification read: files, bytes and wall time (all hashes matched)."""
+
+    files: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
+
+    def add(self, other: "HashReport") -> "HashReport":
+        return HashReport(self.files + other.files, self.bytes + other.bytes, self.seconds + other.seconds)
+
+    def __str__(self) -> str:
+        return (f"verified the sha256 of {self.files} files ({self.bytes / 1e9:.2f} GB) in {self.seconds:.2f} s "
+                f"({self.gb_per_s:.2f} GB/s)")
+
+
+def verify_hashes_of(files: List[Tuple[Path, str, str]],
+                     on_bytes: Optional[Callable[[int], None]] = None) -> HashReport:
+    """Hash ``(path, expected sha256, where it is recorded)`` triples; a :class:`BundleError` names the first
+    that differs."""
+    t0 = time.perf_counter()
+    total = 0
+    for path, want, recorded_in in files:
+        if file_digest(path, on_bytes=on_bytes) != want:
+            raise BundleError(f"{path}: sha256 differs from the {recorded_in}; the file changed after it was "
+                              "written (restore it, or re-export / rebuild)")
+        total += path.stat().st_size
+    return HashReport(files=len(files), bytes=total, seconds=time.perf_counter() - t0)
+
+
+def hashed_files(bundle: Union[str, Path], manifest: Manifest) -> List[Tuple[Path, str, str]]:
+    """Every bundle file the manifest records a sha256 for, as ``(path, sha256, "manifest")`` (paths contained)."""
+    paths = manifest_paths(bundle, manifest)
+    out = []
+    for c in manifest.components.values():
+        out.append((paths[f"components.{c.name}.file"], c.sha256, "manifest"))
+        data = paths.get(f"components.{c.name}.external_data")
+        if data is not None and c.external_sha256:
+            out.append((data, c.external_sha256, "manifest"))
+    return out
+
+
+def verify_file_hashes(bundle: Union[str, Path], manifest: Manifest,
+                       on_bytes: Optional[Callable[[int], None]] = None) -> HashReport:
+    """Check every recorded sha256 of the bundle's files; returns what it cost (:class:`HashReport`).
+
+    ``on_bytes(n)`` is called as data is read (for a progress bar).
+    """
+    return verify_hashes_of(hashed_files(bundle, manifest), on_bytes)

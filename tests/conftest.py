@@ -49,3 +49,17 @@ def pytest_collection_modifyitems(config, items):
                 has_trt = _tensorrt_builder_available()
             if not has_trt:
                 item.add_marker(no_trt)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _machine_key_in_a_temporary_folder(tmp_path_factory):
+    """Exports and builds tag what they write with this machine's key (infiniteid.provenance): tests keep
+    theirs in a temporary folder, never in the user's configuration."""
+    key = tmp_path_factory.mktemp("machine-key") / "machine.key"
+    old = os.environ.get("INFINITEID_MACHINE_KEY")
+    os.environ["INFINITEID_MACHINE_KEY"] = str(key)
+    yield key
+    if old is None:
+        os.environ.pop("INFINITEID_MACHINE_KEY", None)
+    else:
+        os.environ["INFINITEID_MACHINE_KEY"] = old

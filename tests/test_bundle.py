@@ -124,6 +124,9 @@ def test_face_models_are_referenced_not_copied(tmp_path):
     (folder / "glintr100.onnx").write_bytes(b"arcface")
     rec = face_models_record(folder)
     assert rec["path"] == str(folder) and sorted(rec["files"]) == ["glintr100.onnx", "scrfd_10g_bnkps.onnx"]
+    from infiniteid.bundle import face_models_recorded_here
+
+    assert face_models_recorded_here(rec)  # tagged by this machine: the runtime follows it without asking
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(BundleError, match="no .onnx face models"):

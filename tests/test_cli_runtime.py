@@ -114,6 +114,18 @@ def test_generate_bundle(bundle_dir, photo, face_models, tmp_path, capsys):
     np.testing.assert_array_equal(api.arrays[0], img)
 
 
+def test_generate_verifies_hashes_only_when_asked(bundle_dir, photo, face_models, tmp_path, capsys):
+    """--verify-hashes is opt-in and prints what it read and how long it took."""
+    files = sorted(p for p in (bundle_dir / "onnx").iterdir())
+    assert main(_generate_args(bundle_dir, photo, face_models, tmp_path / "a.png", "--steps", "1")) == 0
+    assert "verified the sha256" not in capsys.readouterr().err
+    assert main(_generate_args(bundle_dir, photo, face_models, tmp_path / "b.png", "--steps", "1",
+                               "--verify-hashes")) == 0
+    err = capsys.readouterr().err
+    gb = sum(f.stat().st_size for f in files) / 1e9
+    assert f"verified the sha256 of {len(files)} files ({gb:.2f} GB) in " in err and " GB/s)" in err
+
+
 def test_generate_two_faces_mix_identities(bundle_dir, photo, face_models, tmp_path):
     other = tmp_path / "other.png"
     demo_face(200).save(other)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from infiniteid import generation as gen
+from infiniteid.bundle import BundleError
 from infiniteid.commands.demo import demo_face, tiny_bundle
 from infiniteid.model.pipeline import FaceInput, InfiniteIDPipeline
 from infiniteid.runtime import Runtime
@@ -255,8 +256,11 @@ def test_face_models_from_the_manifest_or_the_argument(bundle_dir, tmp_path):
     photo = tmp_path / "face.png"
     demo_face().save(photo)
 
-    from_manifest = Runtime(copy, intra_op_threads=1)
-    assert from_manifest.bundle.face_models_folder() == referenced
+    # written by hand, not by an export on this machine: the folder is followed only when trusted
+    with pytest.raises(BundleError, match="face_models.path .* not recorded by an export on this machine"):
+        Runtime(copy, intra_op_threads=1).face
+    from_manifest = Runtime(copy, intra_op_threads=1, trust_face_models=True)
+    assert from_manifest.bundle.face_models_folder(trust=True) == referenced
     assert Path(from_manifest.face.folder) == referenced.resolve()
     overridden = Runtime(copy, face_models=override, intra_op_threads=1)
     assert Path(overridden.face.folder) == override.resolve()

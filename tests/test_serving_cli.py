@@ -81,7 +81,7 @@ def test_serve_command_serves_and_drains_on_sigterm(bundle_dir, face_models):
             proc.kill()
     log = line + out
     assert proc.returncode == 0, log
-    assert re.search(r"loaded in \d+\.\d+ s \(sha256 of every file verified\)", log), log
+    assert re.search(r"verified the sha256 of \d+ files \(\d+\.\d+ GB\) in \d+\.\d+ s", log), log
     assert "warm-up generation done" in log and "stopped" in log
     assert "HEAVY []" in log, log
 

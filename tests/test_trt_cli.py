@@ -63,6 +63,20 @@ def test_dry_run_prints_the_engines_and_profiles(fp32, capsys):
     assert engines["unet"]["profiles"][0]["sample"]["max"] == [16, 4, 24, 24]
 
 
+def test_no_cfg_static_engines_take_half_the_batch(fp32, capsys):
+    """``--no-cfg``: static engines for guidance-1 batches (two streams x one sample), the few-step fast path."""
+    from infiniteid.trt.engine_check import build_command
+
+    rc, out, _ = run_cli(["build", str(fp32), "--dry-run", "--no-cfg"], capsys)
+    assert rc == 0
+    doc = json.loads(out)
+    engines = {e["engine"]: e for e in doc["engines"]}
+    assert "step_nocfg" in engines and "step_cfg" not in engines
+    assert engines["unet"]["profiles"][0]["sample"]["min"] == engines["unet"]["profiles"][0]["sample"]["max"] == [2, 4, 16, 16]
+    assert doc["flags"]["cfg"] is False
+    assert build_command("b", doc["flags"]).endswith("--images 1 --no-cfg --opt-level 3")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--precision", "fp16"], "--precision fp16 asked, but the bundle's text_encoder, text_encoder_2, id_encoder, "
                               "unet ONNX is fp32"),
@@ -71,6 +85,7 @@ def test_dry_run_prints_the_engines_and_profiles(fp32, capsys):
     (["--opt-level", "9"], "--opt-level must be an integer from 0 to 5"),
     (["--workspace", "-1"], "--workspace must be a positive number of GiB"),
     (["--shapes", "dynamic", "--images", "2"], "--height/--width/--images choose the static shape"),
+    (["--shapes", "dynamic", "--no-cfg"], "--no-cfg chooses the static shape; dynamic engines take batches with and without CFG"),
     (["--components", "unet", "vae"], "unknown component 'vae'"),
 ])
 def test_build_argument_errors(fp32, capsys, args, message):

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--height", type=int, default=None, help="static height in pixels (default: the bundle's, 1024 for SDXL)")
     p.add_argument("--width", type=int, default=None, help="static width in pixels (default: the bundle's)")
     p.add_argument("--images", type=int, default=1, help="static images per batch (default: 1)")
+    p.add_argument("--no-cfg", action="store_true",
+                   help="static engines for guidance 1 (no CFG: half the U-Net batch), the fast path of "
+                        "few-step bases (SDXL-Lightning, Hyper-SD); requests with guidance are then refused")
     p.add_argument("--opt-level", type=int, default=3, metavar="N",
                    help="TensorRT builder optimisation level 0-5 (default: 3)")
     p.add_argument("--timing-cache", metavar="FILE", default=None,
@@ -68,6 +71,7 @@ def options_from_args(args):
         height=args.height,
         width=args.width,
         images=args.images,
+        cfg=not args.no_cfg,
         opt_level=args.opt_level,
         timing_cache=args.timing_cache,
         workspace_gb=args.workspace,

@@ -52,6 +52,9 @@ def register(subparsers) -> None:
                    help="fail above this relative L2 error ||a-b||/||b|| (default: 0.05)")
     p.add_argument("--max-abs", type=float, default=None, help="fail above this max absolute error (default: off)")
     p.add_argument("--engine-dir", default=None, help="TensorRT engine folder (default: the one for this GPU)")
+    p.add_argument("--trust-engine-code", action="store_true",
+                   help="let TensorRT run host code carried by plans not built on this machine (version-compatible "
+                        "plans embed a lean runtime library); only for bundles you trust")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the statistics as JSON")
     p.set_defaults(run=run)
 
@@ -161,7 +164,8 @@ def run(args) -> int:
     check_resolution(height, width, int(res.get("multiple", 8)))
 
     def options(name: str) -> Dict[str, Any]:
-        return {"components": comps, "engine_dir": args.engine_dir} if name == "trt" else {}
+        return {"components": comps, "engine_dir": args.engine_dir,
+                "trust_engine_code": args.trust_engine_code} if name == "trt" else {}
 
     cand = make_backend(args.backend, bundle_a, **options(args.backend))
     try:

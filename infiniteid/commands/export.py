@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 from ..cli import UserError
 
@@ -22,6 +22,16 @@ examples:
       --adapter ~/models/infiniteid.safetensors --face-models ~/.insightface/models/antelopev2 \\
       --out out/sdxl-fp16 --precision fp16 --height 1024 --width 1024 --max-batch 4
   infiniteid export --tiny --out out/tiny --no-adain --overwrite     # an ablation bundle
+  infiniteid export --base ~/models/sdxl-base-1.0 ... --out out/lightning \\
+      --lora ~/loras/sdxl_lightning_4step_lora.safetensors --lora ~/loras/style.safetensors:0.8 \\
+      --scheduler-config trailing                                 # a few-step base: 4 steps, guidance 1
+
+--lora FILE[:SCALE] (repeatable) fuses a local LoRA file (diffusers/peft or kohya
+layout, .safetensors or a torch pickle) into the U-Net and, when the file has
+layers for them, the text encoders, before the graphs are traced; the manifest
+lists each file with its sha256 and scale. --scheduler-config takes a timestep
+spacing (trailing, leading, linspace) or a scheduler_config.json whose keys are
+set over the base's scheduler config.
 
 Heights and widths must divide by the model's resolution multiple (32 for SDXL,
 16 for the tiny model); --min-resolution/--max-resolution bound the shapes the
@@ -46,6 +56,19 @@ def register(subparsers: Any) -> None:
     src.add_argument("--face-models", type=Path, help="insightface folder with the detector and ArcFace .onnx files")
     src.add_argument("--tiny", action="store_true", help="export the tiny seeded random-weight model instead")
     src.add_argument("--seed", type=int, default=0, help="seed of the tiny model (default 0)")
+    src.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="LoRA file fused into the weights before export, at SCALE (default 1.0); repeat for several",
+    )
+    src.add_argument(
+        "--scheduler-config",
+        metavar="SPACING|FILE",
+        help="scheduler settings the bundle declares: 'trailing' (few-step bases such as SDXL-Lightning, "
+        "Hyper-SD), 'leading' or 'linspace', or a scheduler_config.json whose keys override the base's",
+    )
 
     p.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
@@ -95,9 +118,44 @@ def options_from_args(args: argparse.Namespace):
         attention_plugin=args.attention_plugin,
         opset=args.opset,
         slim=not args.no_slim,
+        scheduler_override=scheduler_override(args.scheduler_config),
     )
     opts.validate()
     return opts
+
+
+SPACINGS = ("trailing", "leading", "linspace")
+
+
+def scheduler_override(value: Optional[str]) -> Optional[Dict[str, Any]]:
+    """``--scheduler-config``: a timestep spacing, or a JSON file of scheduler config keys.
+
+    The keys are checked the way the runtime's schedulers will read them, so a
+    bundle that no scheduler here can run is refused before any work.
+    """
+    if value is None:
+        return None
+    from ..runtime.schedulers import SchedulerConfig, SchedulerConfigError
+
+    if value in SPACINGS:
+        override: Dict[str, Any] = {"timestep_spacing": value}
+    else:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise UserError(
+                f"--scheduler-config: {value!r} is neither a timestep spacing ({', '.join(SPACINGS)}) nor a file"
+            )
+        try:
+            override = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"--scheduler-config: {path} is not valid JSON ({e})") from None
+        if not isinstance(override, dict) or not override:
+            raise UserError(f"--scheduler-config: {path} must hold a JSON object of scheduler config keys")
+    try:
+        SchedulerConfig.from_dict(override)
+    except SchedulerConfigError as e:
+        raise UserError(f"--scheduler-config: {e}") from None
+    return override
 
 
 def _check_sources(args: argparse.Namespace) -> None:
@@ -121,6 +179,44 @@ def _check_sources(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag.replace('_', '-')}: {kind} not found: {p}")
 
 
+def lora_specs(values: List[str]) -> list:
+    """``--lora FILE[:SCALE]`` values, each file checked (exists, known type) before any loading."""
+    if not values:
+        return []
+    from ..model.lora import LoraError, LoraSpec
+
+    specs = [LoraSpec.parse(v) for v in values]
+    try:
+        for spec in specs:
+            spec.validate()
+    except LoraError as e:
+        raise UserError(f"--lora: {e}") from None
+    return specs
+
+
+def fuse(components: Any, specs: list) -> None:
+    """Fuse the LoRAs into the loaded weights; a file that does not fit is one line, before any export."""
+    if not specs:
+        return
+    from ..model.lora import LoraError, fuse_loras
+
+    try:
+        for r in fuse_loras(components, specs):
+            print(f"fused LoRA {r.file} at scale {r.scale:g} ({r.layers} layers: {', '.join(r.components)})")
+    except LoraError as e:
+        raise UserError(f"--lora: {e}") from None
+
+
+def check_scheduler(config: Dict[str, Any]) -> None:
+    """The scheduler config a bundle will declare, as the runtime will read it."""
+    from ..runtime.schedulers import SchedulerConfig, SchedulerConfigError
+
+    try:
+        SchedulerConfig.from_dict(config)
+    except SchedulerConfigError as e:
+        raise UserError(f"--scheduler-config: with the base's scheduler config: {e}") from None
+
+
 def _base_resolution(base: Path) -> tuple:
     """(resolution multiple, native size) of an SDXL folder, from its U-Net config (before loading weights)."""
     from ..generation import VAE_SCALE_FACTOR, resolution_multiple
@@ -138,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
 
     opts = options_from_args(args)
     _check_sources(args)
+    loras = lora_specs(args.lora)
     out = Path(args.out).expanduser().absolute()
     check_output_folder(out, args.overwrite)  # before minutes of loading
 
@@ -157,6 +254,9 @@ def run(args: argparse.Namespace) -> int:
             pipeline = InfiniteIDPipeline.from_pretrained(args.base, args.image_encoder, args.adapter)
         except (WeightsError, AdapterError) as e:
             raise UserError(str(e)) from None
+    fuse(pipeline.c, loras)
+    if opts.scheduler_override:
+        check_scheduler({**pipeline.c.scheduler_config, **opts.scheduler_override})
     manifest = export_bundle(
         pipeline, out, opts, overwrite=args.overwrite, progress=not args.no_progress, face_models=args.face_models
     )

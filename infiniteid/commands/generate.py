@@ -29,9 +29,17 @@ examples:
   # the same on TensorRT engines built with 'infiniteid build'
   infiniteid generate --bundle out/bundle --backend trt --face me.jpg --prompt "an astronaut" --out a.png
 
+  # version-compatible engines built on another machine carry host code: run them only if you trust the builder
+  infiniteid generate --bundle theirs/ --backend trt --trust-engine-code --face me.jpg --prompt "a portrait" --out p.png
+
   # the PyTorch reference on real weights; two --face mix identities
   infiniteid generate --base sdxl-base-1.0 --image-encoder clip-vit-h --adapter infiniteid.safetensors \\
       --face-models antelopev2 --face a.jpg --face b.jpg --prompt "a portrait" --out mix.png
+
+  # the reference with LoRAs fused as 'infiniteid export --lora' does (a few-step LoRA: 4 steps, no CFG)
+  infiniteid generate --base sdxl-base-1.0 --image-encoder clip-vit-h --adapter infiniteid.safetensors \\
+      --face-models antelopev2 --face me.jpg --prompt "a portrait" --out fast.png \\
+      --lora sdxl_lightning_4step_lora.safetensors --scheduler-config trailing --scheduler euler --steps 4 --guidance 1
 """
 
 
@@ -80,9 +88,16 @@ def register(subparsers: Any) -> None:
     b.add_argument("--backend", choices=("ort", "trt"), default="ort", help="onnxruntime (default) or TensorRT")
     b.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads (default: all CPUs)")
     b.add_argument("--verify-hashes", action="store_true", help="check every bundle file's sha256 against the manifest")
+    b.add_argument("--trust-engine-code", action="store_true",
+                   help="with --backend trt: let TensorRT run host code carried by plans not built on this machine "
+                        "(version-compatible plans embed a lean runtime library); only for bundles you trust")
 
     r = p.add_argument_group("PyTorch reference (with --base)")
     r.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    r.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA fused into the weights, as 'infiniteid export --lora' does; repeatable")
+    r.add_argument("--scheduler-config", metavar="SPACING|FILE",
+                   help="scheduler settings over the base's, as 'infiniteid export --scheduler-config' takes them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -164,16 +179,18 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.bundle is not None:
-        for flag in ("image_encoder", "adapter", "device"):
+        for flag in ("image_encoder", "adapter", "device", "scheduler_config"):
             if getattr(args, flag) is not None:
                 raise UserError(f"--{flag.replace('_', '-')} only applies with --base (the PyTorch reference)")
+        if args.lora:
+            raise UserError("--lora only applies with --base; a bundle has its LoRAs fused at export (infiniteid export --lora)")
         return _run_bundle(args, request)
     if args.image_encoder is None or args.adapter is None:
         raise UserError("--base needs --image-encoder DIR and --adapter FILE as well")
     if args.face_models is None:
         raise UserError("--base needs --face-models DIR (the insightface folder) to read the face photo")
-    if args.backend != "ort" or args.threads is not None or args.verify_hashes:
-        raise UserError("--backend, --threads and --verify-hashes only apply with --bundle")
+    if args.backend != "ort" or args.threads is not None or args.verify_hashes or args.trust_engine_code:
+        raise UserError("--backend, --threads, --verify-hashes and --trust-engine-code only apply with --bundle")
     return _run_reference(args, request)
 
 
@@ -203,8 +220,14 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
         if args.backend != "ort":
             raise UserError("--threads applies to the ort backend only")
         opts["intra_op_threads"] = args.threads
+    if args.trust_engine_code:
+        if args.backend != "trt":
+            raise UserError("--trust-engine-code applies to the trt backend only")
+        opts["trust_engine_code"] = True
 
-    bundle = Bundle.load(args.bundle, verify_hashes=args.verify_hashes)
+    bundle = Bundle.load(args.bundle)
+    if args.verify_hashes:  # opt-in: one read of every file; the cost is printed
+        print(bundle.verify_hashes(progress=not args.no_progress), file=sys.stderr)
     rt = Runtime(bundle, backend=args.backend, face_models=args.face_models, **opts)
     try:
         settings = _settings(args, rt.default_height, rt.default_width)
@@ -219,7 +242,7 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
         "engine": "runtime",
         "bundle": str(Path(args.bundle).resolve()),
         "backend": backend_info,
-        "face_models": str(rt.face_models or bundle.face_models_folder() or ""),
+        "face_models": str(rt.face.folder),
         "seconds": round(seconds, 3),
         "timings": {k: round(v, 3) for k, v in out.timings.items()},
     })
@@ -235,14 +258,23 @@ def _run_reference(args: argparse.Namespace, request) -> int:
         from ..model.pipeline import InfiniteIDPipeline
     except ImportError as e:
         raise UserError(f"--base runs the PyTorch reference, which needs the export extra (pip install 'infiniteid-rt[export]'): {e}") from None
+    from .export import check_scheduler, fuse, lora_specs, scheduler_override
+
+    override = scheduler_override(args.scheduler_config)
+    loras = lora_specs(args.lora)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
-        pipe = InfiniteIDPipeline.from_pretrained(
-            args.base, args.image_encoder, args.adapter, args.face_models, device=device, dtype=dtype
-        )
+        from ..model.loading import load_components
+
+        components = load_components(args.base, args.image_encoder, args.adapter, args.face_models)
     except WeightsError as e:
         raise UserError(str(e)) from None
+    fuse(components, loras)  # in float32 on the CPU, before the pipeline casts and moves the weights
+    if override:
+        components.scheduler_config = {**components.scheduler_config, **override}
+        check_scheduler(components.scheduler_config)
+    pipe = InfiniteIDPipeline(components, device=device, dtype=dtype)
     settings = _settings(args, 1024, 1024)
     t0 = time.perf_counter()
     out = pipe.generate([request], settings, progress=not args.no_progress)
@@ -253,6 +285,8 @@ def _run_reference(args: argparse.Namespace, request) -> int:
         "image_encoder": str(args.image_encoder),
         "adapter": str(args.adapter),
         "face_models": str(args.face_models),
+        "loras": [r.to_dict() for r in components.loras],
+        "scheduler_override": override,
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "seconds": round(seconds, 3),

@@ -57,13 +57,46 @@ def _file_size(path: Path) -> str:
     return human_size(path.stat().st_size) if path.is_file() else "MISSING"
 
 
+def _bundle_file_size(bundle: Path, rel: Any, key: str) -> str:
+    """Size of a file the manifest names, or why it is refused (a path leading outside the bundle)."""
+    from ..bundle import BundleError, inside_bundle
+
+    try:
+        return _file_size(inside_bundle(bundle, rel, key))
+    except BundleError:
+        return "REFUSED (outside the bundle)"
+
+
+def _face_models_line(fm: Any) -> str:
+    """The manifest's face-model folder and whether the runtime follows it (a user path outside the bundle)."""
+    from ..bundle import face_models_recorded_here
+
+    if not fm:
+        return "(none referenced; pass --face-models)"
+    path = fm.get("path") if isinstance(fm, dict) else fm
+    files = ", ".join(sorted((fm.get("files") or {}) if isinstance(fm, dict) else {})) or "no files recorded"
+    if face_models_recorded_here(fm):
+        rule = "recorded by an export on this machine: used unless --face-models is given"
+    else:
+        rule = "not recorded on this machine: not used; pass --face-models DIR (or trust_face_models=True in Python)"
+    return f"{path} ({files}); a user folder outside the bundle, {rule}"
+
+
 def engines(bundle: Path) -> List[List[str]]:
     """One row per ``engines/<target>/<component>.plan``, with what its JSON sidecar says."""
     rows: List[List[str]] = []
     root = bundle / "engines"
     if not root.is_dir():
         return rows
+    from ..bundle import BundleError
+    from ..trt.names import check_engine_folder
+
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            check_engine_folder(bundle, folder)
+        except BundleError:
+            rows.append([folder.name, "REFUSED (leads outside the bundle)", "", "", "", ""])
+            continue
         plans = sorted(p for p in folder.iterdir() if p.suffix == ".plan")
         if not plans:
             rows.append([folder.name, "(no plans)", "", "", "", ""])
@@ -88,15 +121,13 @@ def render(bundle: Path, manifest: Any) -> str:
     parts.append(f"model      {model}")
     res = ", ".join(f"{k}={v}" for k, v in sorted((m.resolution or {}).items()))
     parts.append(f"resolution {res}; max images per batch {m.max_images}")
-    fm = m.face_models
-    parts.append(f"face models {json.dumps(fm) if fm else '(none referenced; pass --face-models)'}")
+    parts.append(f"face models {_face_models_line(m.face_models)}")
 
     comp_rows = []
     for name, c in m.components.items():
-        f = bundle / c.file
-        size = _file_size(f)
+        size = _bundle_file_size(bundle, c.file, f"components.{name}.file")
         if c.external_data:
-            size += f" + {_file_size(bundle / c.external_data)} external"
+            size += f" + {_bundle_file_size(bundle, c.external_data, f'components.{name}.external_data')} external"
         opts = ", ".join(f"{k}={v}" for k, v in sorted(c.options.items()) if not isinstance(v, (dict, list)))
         comp_rows.append([name, c.precision, c.file, size, c.sha256[:12], opts])
     parts += ["", "components", table(["name", "precision", "file", "size", "sha256", "options"], comp_rows)]
@@ -108,11 +139,16 @@ def render(bundle: Path, manifest: Any) -> str:
                 t_rows.append([name, kind, t.name, t.dtype, _dims(t.shape), _dims(t.min), _dims(t.opt), _dims(t.max)])
     parts += ["", "tensors", table(["component", "io", "name", "dtype", "shape", "min", "opt", "max"], t_rows)]
 
-    other = [[rel, _file_size(bundle / rel)] for rel in m.tokenizers]
+    other = [[rel, _bundle_file_size(bundle, rel, f"tokenizers[{i}]")] for i, rel in enumerate(m.tokenizers)]
     parts += ["", "files", table(["file", "size"], other)]
 
     sched = ", ".join(f"{k}={v}" for k, v in sorted(m.scheduler_config.items()) if not k.startswith("_"))
     parts += ["", f"scheduler  {sched}"]
+    if m.scheduler_override:
+        parts.append("           (set at export over the base's: " + ", ".join(f"{k}={v}" for k, v in sorted(m.scheduler_override.items())) + ")")
+    if m.loras:
+        rows = [[x["file"], f"{x['scale']:g}", ", ".join(x["components"]), x["layers"], x["sha256"][:12]] for x in m.loras]
+        parts += ["", "LoRAs fused at export", table(["file", "scale", "components", "layers", "sha256"], rows), ""]
     parts.append("tools      " + (", ".join(f"{k} {v}" for k, v in sorted(m.tools.items())) or "(none recorded)"))
     if m.sources:
         parts.append("sources")

@@ -62,6 +62,9 @@ def register(subparsers: Any) -> None:
                    help="largest face image in pixels (default 36M; larger ones are refused before decoding)")
     r = p.add_argument_group("runtime")
     r.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime intra-op threads")
+    r.add_argument("--trust-engine-code", action="store_true",
+                   help="with --backend trt: let TensorRT run host code carried by plans not built on this machine "
+                        "(version-compatible plans embed a lean runtime library); only for bundles you trust")
     r.add_argument("--no-warmup", action="store_true", help="skip the warm-up generation (/readyz turns ready at once)")
     r.add_argument("--no-verify-hashes", action="store_true", help="skip the sha256 check of the bundle's files at start-up")
     r.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -79,8 +82,13 @@ def server_config(args: argparse.Namespace):
     from ..cli import UserError
     from ..serving.config import ConfigError, ServerConfig
 
+    if args.trust_engine_code and args.backend != "trt":
+        raise UserError("--trust-engine-code applies to the trt backend only")
+    if args.threads is not None and args.backend != "ort":
+        raise UserError("--threads applies to the ort backend only")
     try:
         return ServerConfig(
+            backend_opts={"trust_engine_code": True} if args.trust_engine_code else {},
             bundle=args.bundle, backend=args.backend, host=args.host, port=args.port, max_batch=args.max_batch,
             batch_window_ms=args.batch_window_ms, queue=args.queue, timeout=args.timeout,
             face_models=args.face_models, threads=args.threads, cache_bytes=int(args.cache_mb * (1 << 20)),

@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import contract as C
-from ..bundle import MANIFEST, ONNX_DIR, TOKENIZER_FILES, BundleError, Manifest, file_digest, write_manifest
+from ..bundle import (MANIFEST, ONNX_DIR, TOKENIZER_FILES, BundleError, Manifest, file_digest, tag_face_models,
+                      write_manifest)
 from .model_info import ModelInfo
 from .onnx_graph import export_component
 from .options import ExportOptions
@@ -78,7 +79,7 @@ def export_bundle(
         manifest = Manifest(
             components=components,
             model=model_record(pipeline, info),
-            scheduler_config=_plain(dict(pipeline.c.scheduler_config)),
+            scheduler_config=_plain({**pipeline.c.scheduler_config, **(opts.scheduler_override or {})}),
             resolution={
                 "multiple": info.resolution_multiple,
                 "min": int(opts.min_resolution),
@@ -91,6 +92,8 @@ def export_bundle(
             tools=tool_versions(opts.opset),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             face_models=faces,
+            loras=[_plain(r.to_dict()) for r in pipeline.c.loras],
+            scheduler_override=_plain(opts.scheduler_override) if opts.scheduler_override else None,
         )
         write_manifest(tmp, manifest)
     return manifest
@@ -230,14 +233,14 @@ def state_dict_digest(module: Any) -> str:
 
 
 def face_models_record(folder: Union[str, Path]) -> Dict[str, Any]:
-    """The user's insightface folder by absolute path and the sha256 of its ONNX files."""
+    """The user's insightface folder by absolute path and the sha256 of its ONNX files, tagged as recorded here."""
     folder = Path(folder).expanduser().absolute()
     if not folder.is_dir():
         raise BundleError(f"face model folder not found: {folder}")
     files = sorted(folder.glob("*.onnx"))
     if not files:
         raise BundleError(f"{folder}: no .onnx face models in it (expected an insightface pack such as antelopev2)")
-    return {"path": str(folder), "files": {f.name: file_digest(f) for f in files}}
+    return tag_face_models({"path": str(folder), "files": {f.name: file_digest(f) for f in files}})
 
 
 def tool_versions(opset: int) -> Dict[str, str]:

@@ -1,6 +1,6 @@
 """``ExportOptions``: what an export bakes into the graphs and declares in the manifest.
 
-Two kinds of settings live here:
+Three kinds of settings live here:
 
 * *graph structure*: precision, the ablation switches of the U-Net
   (``mixed_attention``, ``adain``), the ONNX opset, the optional attention plugin.
@@ -12,7 +12,10 @@ Two kinds of settings live here:
   batch may hold (``opt_batch``/``max_batch``) and how many identities one request
   may mix (``max_identities``). ONNX graphs take any shape; these ranges become the
   manifest's ``min``/``opt``/``max`` per tensor, which the TensorRT build turns into
-  optimisation profiles.
+  optimisation profiles;
+* *the sampler a bundle declares*: ``scheduler_override``, keys set over the model's
+  scheduler config in the manifest (``{"timestep_spacing": "trailing"}`` for
+  few-step bases such as SDXL-Lightning and Hyper-SD); the graphs do not change.
 
 Resolution fields left ``None`` are filled from the model (:meth:`ExportOptions.resolve`):
 the default is the U-Net's native size (1024 for SDXL), the range half to one and a
@@ -66,6 +69,7 @@ class ExportOptions:
     check: bool = True  # onnx.checker on every written graph
     external_data_threshold: int = TWO_GIB  # weights past this go to <component>.onnx.data
     attention_plugin: bool = False  # mixed attention as one custom ONNX node (infiniteid.kernels.onnx_op)
+    scheduler_override: Optional[Dict[str, Any]] = None  # keys set over the model's scheduler config (few-step bases)
     on_component: Optional[Callable[[str], None]] = None
 
     def validate(self) -> None:
@@ -90,6 +94,8 @@ class ExportOptions:
             raise InvalidRequest(f"min resolution {self.min_resolution} is larger than max resolution {self.max_resolution}")
         if self.external_data_threshold < 0:
             raise InvalidRequest("external_data_threshold must be >= 0")
+        if self.scheduler_override is not None and not isinstance(self.scheduler_override, dict):
+            raise InvalidRequest(f"scheduler_override must be a dict, got {type(self.scheduler_override).__name__}")
 
     def resolve(self, multiple: int, default_size: int) -> "ExportOptions":
         """A copy with every resolution field set and checked against the model.

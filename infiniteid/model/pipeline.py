@@ -50,6 +50,7 @@ class Components:
     face: Any = None
     force_zeros_for_empty_prompt: bool = True
     sources: dict = field(default_factory=dict)
+    loras: list = field(default_factory=list)  # LoRAs fused into the weights (infiniteid.model.lora.FusedLora)
 
 
 @dataclass

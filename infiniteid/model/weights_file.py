@@ -8,8 +8,10 @@ unpickler accepts tensors, plain containers and numbers and refuses everything
 else. A file that needs more than that is refused with a one-line error, never
 loaded with a laxer setting: convert it to ``.safetensors`` on a machine you trust.
 
-Every adapter and LoRA loader in the project goes through :func:`load_weights_file`;
-a test feeds it a pickle whose payload would run code and checks it is refused.
+Every adapter and LoRA loader in the project goes through :func:`load_weights_file`
+for pickles; a test feeds it a pickle whose payload would run code and checks it is
+refused. (LoRA ``.safetensors`` files are handed to diffusers' own LoRA loader, which
+reads them with safetensors and keeps their adapter metadata: see :mod:`.lora`.)
 """
 from __future__ import annotations
 

@@ -99,7 +99,9 @@ class Runtime:
     ``bundle``: a bundle folder or a loaded :class:`Bundle`. ``backend``: a backend
     name (``"ort"``, ``"trt"``) or a ready backend object. ``face_models``: the
     insightface model folder (overrides the one the manifest references); only
-    needed when faces are given as images. ``backend_opts`` go to the backend
+    needed when faces are given as images. The manifest's folder lies outside the
+    bundle: it is used only when an export on this machine recorded it, or with
+    ``trust_face_models=True``. ``backend_opts`` go to the backend
     (e.g. ``intra_op_threads`` for ``ort``).
     """
 
@@ -108,6 +110,8 @@ class Runtime:
         bundle: Union[str, Path, Bundle],
         backend: Union[str, Backend] = "ort",
         face_models: Optional[Union[str, Path]] = None,
+        *,
+        trust_face_models: bool = False,
         **backend_opts: Any,
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
@@ -131,6 +135,7 @@ class Runtime:
         self.default_height = int(res.get("default_height", 1024))
         self.default_width = int(res.get("default_width", 1024))
         self.face_models = Path(face_models).expanduser() if face_models is not None else None
+        self.trust_face_models = bool(trust_face_models)
         self._face = None
         self._uncond_id: Optional[np.ndarray] = None
 
@@ -166,7 +171,7 @@ class Runtime:
     def face(self):
         """The face front end, created on first use from ``face_models`` or the manifest's folder."""
         if self._face is None:
-            folder = self.face_models or self.bundle.face_models_folder()
+            folder = self.face_models or self.bundle.face_models_folder(trust=self.trust_face_models)
             if folder is None:
                 raise gen.InvalidRequest(
                     "faces were given as images but no face model folder is known: pass face_models "

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 
+from ..bundle import inside_bundle
+
 # Field numbers from onnx.proto (stable since IR version 3).
 _MODEL_IR_VERSION = 1
 _MODEL_GRAPH = 7
@@ -185,12 +187,22 @@ def scan_onnx(path: Path) -> OnnxFileInfo:
     return info
 
 
-def check_onnx_file(path: Path) -> OnnxFileInfo:
-    """:func:`scan_onnx` plus: every external-data file exists and is long enough."""
+def check_onnx_file(path: Path, root: Optional[Path] = None) -> OnnxFileInfo:
+    """:func:`scan_onnx` plus: every external-data file exists and is long enough.
+
+    With ``root`` (the bundle folder), every external-data location must also
+    resolve inside it (:func:`~infiniteid.bundle.inside_bundle`, a
+    :class:`~infiniteid.bundle.BundleError` otherwise), checked for all tensors
+    before any data file is looked at, so onnxruntime never opens a file outside.
+    """
     info = scan_onnx(path)
+    if root is not None:
+        for t in info.external:
+            inside_bundle(root, t.location, f"the external-data location of tensor {t.tensor!r}",
+                          base=Path(path).parent, where=path)
     sizes: Dict[str, int] = {}
     for t in info.external:
-        data = path.parent / t.location
+        data = Path(path).parent / t.location
         if t.location not in sizes:
             if not data.is_file():
                 raise OnnxFileError(f"stores tensor {t.tensor!r} in {data}, which is missing")

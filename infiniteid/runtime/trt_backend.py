@@ -5,6 +5,9 @@ GPU and TensorRT version (``engines/<gpu>-sm<cc>-trt<version>/``). Before
 TensorRT sees a plan, the sidecars are checked (:mod:`infiniteid.trt.engine_check`):
 an engine built with another TensorRT, for another GPU or from an ONNX file that
 has since changed is refused with the ``infiniteid build`` command that rebuilds it.
+A plan that carries host code (a version-compatible plan's lean runtime) loads
+only when it was built on this machine or with ``trust_engine_code=True``
+(:mod:`infiniteid.trt.trust`); engine files must lie inside the bundle.
 
 * ``run(component, feeds)``: host arrays in and out, tensors bound by name;
 * ``denoise(loop)`` (:class:`~infiniteid.runtime.backend.DeviceLoop`): the whole
@@ -29,12 +32,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..bundle import file_digest
 from ..contract import COMPONENTS, UNET
 from ..trt import cuda
 from ..trt.engine_check import EngineMismatch, Target, build_command, find_engine_folder, load_sidecars
-from ..trt.names import EngineSidecar, plan_path, sidecar_path
+from ..trt.names import EngineSidecar, check_engine_folder, plan_path, sidecar_path
 from ..trt.runner import EngineRunner
 from ..trt.step_graph import STEP_CFG, STEP_NOCFG, StepGraphSpec, coefficient_table, first_sample, step_graph_key
+from ..trt.trust import allow_host_code
 from .backend import BackendError, Feeds, Outputs
 from .loader import Bundle
 from .loop import LoopInputs, host_loop
@@ -82,7 +87,10 @@ class TrtBackend:
     Options: ``device`` (CUDA device index, 0), ``engine_dir`` (use this engine
     folder instead of the one named for this GPU; still checked), ``components``
     (load only these), ``cuda_graphs`` (``"auto"``: for static engines;
-    ``"always"``; ``"never"``), ``device_loop`` (False: run the loop on the host).
+    ``"always"``; ``"never"``), ``device_loop`` (False: run the loop on the host),
+    ``trust_engine_code`` (let TensorRT run host code that plans carry, such as
+    version-compatible plans' lean runtime, also for plans not built on this
+    machine; see :mod:`infiniteid.trt.trust`).
     """
 
     name = "trt"
@@ -96,6 +104,7 @@ class TrtBackend:
         components: Optional[Sequence[str]] = None,
         cuda_graphs: str = "auto",
         device_loop: bool = True,
+        trust_engine_code: bool = False,
     ):
         if cuda_graphs not in GRAPH_MODES:
             raise BackendError(f"cuda_graphs must be one of {', '.join(GRAPH_MODES)}, got {cuda_graphs!r}")
@@ -114,6 +123,8 @@ class TrtBackend:
         self.device = cuda.device_info(device)
         self.target = Target(self.device, str(trt.__version__))
         self.folder = Path(engine_dir).expanduser() if engine_dir else find_engine_folder(bundle.path, self.target)
+        if not engine_dir:  # a folder the bundle names: it and its files must not lead outside
+            self.folder = check_engine_folder(bundle.path, self.folder)
         comps = list(components or COMPONENTS)
         unknown = [c for c in comps if c not in COMPONENTS]
         if unknown:
@@ -129,6 +140,8 @@ class TrtBackend:
                 + build_command(bundle.path, {**next(iter(sidecars.values())).build, "version_compatible": True})
             )
         self.sidecars = sidecars
+        self.trust_engine_code = bool(trust_engine_code)
+        self.host_code_allowed = self._host_code_decisions(sidecars)  # refuses before TensorRT sees a plan
         self._load(sidecars)
         self._stream = cuda.Stream()
 
@@ -144,16 +157,24 @@ class TrtBackend:
                 out[name] = step_graph_key(StepGraphSpec.for_unet(unet, cfg))
         return out
 
+    def _host_code_decisions(self, sidecars: Dict[str, EngineSidecar]) -> Dict[str, bool]:
+        """Per plan: may TensorRT run the host code it carries (:func:`~infiniteid.trt.trust.allow_host_code`)."""
+        out = {}
+        for name, sc in sidecars.items():
+            plan = plan_path(self.folder, name)
+            out[name] = allow_host_code(name, sc, lambda plan=plan: file_digest(plan), self.trust_engine_code, plan,
+                                        rebuild=build_command(self.bundle.path, sc.build))
+        return out
+
     def _load(self, sidecars: Dict[str, EngineSidecar]) -> None:
         trt = self.trt
         self.logger = _make_logger(trt)
         runtime = trt.Runtime(self.logger)
-        if any(s.version_compatible for s in sidecars.values()):
-            runtime.engine_host_code_allowed = True  # version-compatible plans carry their lean runtime
         self._runtime = runtime
         for name, sc in sidecars.items():
             hint = build_command(self.bundle.path, sc.build)
             data = plan_path(self.folder, name).read_bytes()
+            runtime.engine_host_code_allowed = self.host_code_allowed[name]  # False unless trusted or built here
             self.logger.errors.clear()
             engine = runtime.deserialize_cuda_engine(data)
             del data

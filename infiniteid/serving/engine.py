@@ -1,8 +1,10 @@
 """``ServingEngine``: the runtime as a server uses it.
 
-* start-up: the bundle is loaded with its sha256 hashes verified (the time it took
-  is logged), the backend created, and one warm-up generation run (``/readyz``
-  turns ready after it);
+* start-up: the bundle is loaded, its sha256 hashes verified
+  (:meth:`~infiniteid.runtime.loader.Bundle.verify_hashes`; the log says what it
+  read and how long it took; TensorRT engines too, once the backend has picked its
+  folder), the backend created, and one warm-up generation run (``/readyz`` turns
+  ready after it);
 * identities: each face's ``c_id`` comes from the :class:`~.cache.IdentityCache` or
   from the face front end + ID encoder (called from request threads, off the
   batch's critical path, one at a time);
@@ -71,16 +73,26 @@ class ServingEngine:
         from ..runtime.loader import Bundle
 
         t0 = time.perf_counter()
-        bundle = Bundle.load(config.bundle, verify_hashes=config.verify_hashes)
+        bundle = Bundle.load(config.bundle)
         t_load = time.perf_counter() - t0
-        log.info("bundle %s loaded in %.2f s (sha256 of every file %s)", config.bundle, t_load,
-                 "verified" if config.verify_hashes else "NOT verified: --no-verify-hashes")
+        log.info("bundle %s loaded in %.2f s", config.bundle, t_load)
+        hashed = None
+        if config.verify_hashes and config.backend == "ort":  # before any graph is opened
+            hashed = bundle.verify_hashes()
         t0 = time.perf_counter()
         rt = Runtime(bundle, backend=config.backend, face_models=config.face_models, **config.runtime_options())
         t_backend = time.perf_counter() - t0
         log.info("backend %s ready in %.2f s", config.backend, t_backend)
+        if config.verify_hashes and hashed is None:  # the engine folder is the backend's choice: then, before any request
+            hashed = bundle.verify_hashes(engine_folder=getattr(rt.backend, "folder", None))
+        if hashed is not None:
+            log.info("bundle %s: %s", config.bundle, hashed)
+        else:
+            log.warning("bundle %s: sha256 hashes NOT verified (--no-verify-hashes)", config.bundle)
         engine = cls(rt, config, metrics)
-        engine.startup.update(load_and_verify_s=t_load, backend_s=t_backend)
+        engine.startup.update(load_s=t_load, backend_s=t_backend)
+        if hashed is not None:
+            engine.startup["verify_hashes_s"] = hashed.seconds
         return engine
 
     # -- per request (request threads) ----------------------------------------------

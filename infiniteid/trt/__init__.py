@@ -7,6 +7,8 @@ The pieces, so the part that needs TensorRT stays small:
 * :mod:`.profiles`: optimisation profiles from the manifest's shape ranges;
 * :mod:`.engine_check`: refusing engines built for another GPU, another TensorRT
   or from another ONNX file, with the command that rebuilds them;
+* :mod:`.trust`: whether a plan may run the host code it carries (version-compatible
+  plans, serialised plugin libraries): only when built on this machine or trusted;
 * :mod:`.step_graph`: the ONNX graph of guidance + scheduler step that lets the
   denoising loop stay on the GPU;
 * :mod:`.plan`: what a build does, component by component (precision checks,

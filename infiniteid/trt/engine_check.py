@@ -78,6 +78,8 @@ def build_command(bundle: Any, flags: Optional[Mapping[str, Any]] = None) -> str
         for key in ("height", "width", "images"):
             if f.get(key) is not None:
                 parts += [f"--{key}", str(f[key])]
+        if f.get("cfg") is False:
+            parts.append("--no-cfg")
     if f.get("opt_level") is not None:
         parts += ["--opt-level", str(f["opt_level"])]
     if f.get("workspace_gb"):

@@ -10,7 +10,8 @@ was built with, so engines are kept per target::
         timing.cache     (optional) the builder's timing cache
 
 The folder name is for people and for finding the right folder; the sidecar is
-what the runtime checks before it trusts a plan (:mod:`.engine_check`). Files are
+what the runtime checks before it trusts a plan (:mod:`.engine_check`). Every
+file under ``engines/`` must resolve inside the bundle (:func:`check_engine_folder`). Files are
 written atomically (temporary file in the same folder, then ``os.replace``), so
 an interrupted build never leaves a half-written plan under the final name.
 """
@@ -25,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from ..bundle import ENGINES_DIR
+from ..bundle import ENGINES_DIR, inside_bundle
 
 PLAN_SUFFIX = ".plan"
 SIDECAR_SUFFIX = ".json"
@@ -98,7 +99,9 @@ class EngineSidecar:
     flags (precision, shapes, optimisation level, workspace...), enough to print
     the command that rebuilds the engine. ``onnx_sha256`` is the manifest's hash
     of the ONNX file the plan was built from (for generated graphs, such as the
-    step graph, the hash of the generated model).
+    step graph, the hash of the generated model). ``plan_sha256`` and
+    ``built_here`` let the runtime tell a plan built on this machine (which may
+    then carry host code without ``--trust-engine-code``, :mod:`.trust`).
     """
 
     component: str
@@ -115,6 +118,8 @@ class EngineSidecar:
     build_seconds: float
     created: str = field(default_factory=utc_now)
     io: List[Dict[str, Any]] = field(default_factory=list)  # name, mode, dtype as the engine reports them
+    plan_sha256: str = ""  # of the plan file as written
+    built_here: str = ""  # this machine's tag of plan_sha256 (:mod:`.trust`, :mod:`infiniteid.provenance`)
     format: str = SIDECAR_FORMAT
     format_version: int = SIDECAR_VERSION
 
@@ -199,8 +204,25 @@ def write_sidecar(folder: Path, sidecar: EngineSidecar) -> Path:
 
 
 def list_engine_folders(bundle: Union[str, Path]) -> List[Path]:
-    root = Path(bundle) / ENGINES_DIR
-    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    """The bundle's engine folders, each checked by :func:`check_engine_folder`."""
+    root = inside_bundle(bundle, ENGINES_DIR, ENGINES_DIR, where=bundle)
+    if not root.is_dir():
+        return []
+    return sorted(check_engine_folder(bundle, p) for p in root.iterdir() if p.is_dir())
+
+
+def check_engine_folder(bundle: Union[str, Path], folder: Path) -> Path:
+    """``engines/<name>`` and every plan, sidecar and cache in it resolve inside the bundle.
+
+    A :class:`~infiniteid.bundle.BundleError` names the first that does not (a
+    symlink pointing out), before any of them is read. Returns the resolved folder.
+    """
+    rel = f"{ENGINES_DIR}/{Path(folder).name}"
+    resolved = inside_bundle(bundle, rel, rel, where=bundle)
+    if resolved.is_dir():
+        for f in sorted(resolved.iterdir()):
+            inside_bundle(bundle, f"{rel}/{f.name}", f"{rel}/{f.name}", where=bundle)
+    return resolved
 
 
 def describe_folder(folder: Path) -> Optional[str]:

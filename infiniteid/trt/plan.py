@@ -10,6 +10,7 @@ supplied by :mod:`.builder` (or by a test, which cannot run TensorRT).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from ..bundle import ComponentSpec, Manifest
+from ..bundle import ENGINES_DIR, ComponentSpec, Manifest, inside_bundle
 from ..contract import COMPONENTS, UNET, VAE_DECODER
 from .engine_check import Target, build_command, component_digest, version_ok
 from .names import (
@@ -25,6 +26,7 @@ from .names import (
     EngineError,
     EngineSidecar,
     Profile,
+    check_engine_folder,
     engine_folder,
     plan_path,
     profiles_to_json,
@@ -35,6 +37,7 @@ from .names import (
 )
 from .profiles import ShapePlan, component_profiles
 from .step_graph import StepGraphSpec, make_step_model, step_graph_key, step_tensor_specs
+from .trust import built_here_tag
 
 PRECISIONS = ("fp32", "fp16")
 #: Components whose precision follows --precision; the VAE stays as exported (fp32 unless asked at export).
@@ -56,6 +59,7 @@ class BuildOptions:
     height: Optional[int] = None
     width: Optional[int] = None
     images: int = 1
+    cfg: bool = True  # static engines for CFG batches; False: guidance-1 batches (few-step bases), half the U-Net batch
     opt_level: int = 3
     timing_cache: Optional[str] = None  # default: <engine folder>/timing.cache
     workspace_gb: Optional[float] = None
@@ -76,12 +80,15 @@ class BuildOptions:
         if self.shapes == "dynamic" and (self.height or self.width or self.images != 1):
             raise BuildError("--height/--width/--images choose the static shape; dynamic engines take the "
                              "manifest's ranges (drop them, or use --shapes static)")
+        if self.shapes == "dynamic" and not self.cfg:
+            raise BuildError("--no-cfg chooses the static shape; dynamic engines take batches with and without CFG "
+                             "(drop it, or use --shapes static)")
         for c in self.components or ():
             if c not in COMPONENTS:
                 raise BuildError(f"unknown component {c!r}; choose from {', '.join(COMPONENTS)}")
 
     def shape_plan(self, manifest: Manifest) -> ShapePlan:
-        return ShapePlan.for_manifest(manifest, self.shapes, self.height, self.width, self.images)
+        return ShapePlan.for_manifest(manifest, self.shapes, self.height, self.width, self.images, self.cfg)
 
     def flags(self, plan: ShapePlan) -> Dict[str, Any]:
         """What goes into every sidecar's ``build`` (and back into the rebuild command)."""
@@ -176,7 +183,7 @@ def plan_jobs(bundle_path: Path, manifest: Manifest, options: BuildOptions, plan
     jobs: List[EngineJob] = []
     for c in comps:
         spec = manifest.components[c]
-        path = Path(bundle_path) / spec.file
+        path = inside_bundle(bundle_path, spec.file, f"components.{c}.file")
         jobs.append(EngineJob(c, spec, path, component_digest(spec), spec.precision, component_profiles(spec, plan),
                               needs_plugin=needs_plugin(spec, path)))
     if options.step_graphs and (options.components is None or UNET in comps):
@@ -236,7 +243,9 @@ def run_build(
     plan = options.shape_plan(manifest)
     jobs = plan_jobs(bundle_path, manifest, options, plan)
     folder = engine_folder(bundle_path, target.device, target.trt_version)
+    inside_bundle(bundle_path, f"{ENGINES_DIR}/{folder.name}", f"{ENGINES_DIR}/{folder.name}", where=bundle_path)
     folder.mkdir(parents=True, exist_ok=True)
+    check_engine_folder(bundle_path, folder)  # nothing written or read through a symlink leading out
     flags = options.flags(plan)
     report = BuildReport(folder=folder)
     bar = tqdm(jobs, desc="engines", unit="engine", disable=not progress)
@@ -252,6 +261,7 @@ def run_build(
         seconds = time.perf_counter() - t0
         nbytes = built.nbytes
         write_atomic(plan_path(folder, job.name), lambda f: f.write(memoryview(built.data)))
+        plan_sha256 = hashlib.sha256(memoryview(built.data)).hexdigest()
         rel_onnx = str(job.onnx_path.relative_to(bundle_path)) if job.onnx_path.is_relative_to(bundle_path) \
             else str(job.onnx_path)
         write_sidecar(folder, EngineSidecar(
@@ -268,6 +278,8 @@ def run_build(
             build=flags,
             build_seconds=round(seconds, 3),
             io=built.io,
+            plan_sha256=plan_sha256,
+            built_here=built_here_tag(plan_sha256),
         ))
         report.built.append(job.name)
         report.seconds[job.name] = seconds
