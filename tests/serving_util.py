@@ -1,4 +1,4 @@
-"""Helpers of the serving tests: a stdlib HTTP client (JSON and multipart) and metric parsing."""
+"""What the serving tests share: a stdlib HTTP client (JSON and multipart) and metric parsing."""
 from __future__ import annotations
 
 import io
