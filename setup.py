@@ -4,6 +4,7 @@ Extras follow the package map in the README:
   runtime - the torch-free runtime (numpy, onnxruntime-gpu, tokenizers, face front end)
   export  - the PyTorch reference and ONNX export (torch, diffusers, transformers, onnx)
   gpu     - TensorRT, polygraphy, Triton and cuda-python for NVIDIA GPU boxes
+  serve   - the HTTP server, its metrics and Ray Serve scale-out (infiniteid serve / bench)
   test    - what the test suite needs on top of runtime + export
 """
 from setuptools import find_packages, setup
@@ -36,12 +37,20 @@ GPU = [
     "cuda-python>=12.6.2",
     "tensorrt>=10.9",
 ]
+SERVE = [
+    "fastapi>=0.115",
+    "uvicorn[standard]>=0.30",
+    "prometheus-client>=0.20",
+    "python-multipart>=0.0.18",
+    "ray[serve]>=2.40",
+]
 # tensorrt-lean and cuda-python install without a GPU: the tests check that every
 # TensorRT / CUDA name the backend calls exists in the real bindings.
 # polygraphy is pure Python: `check --against polygraphy` runs its onnxruntime runner on a CPU.
 # peft: diffusers' IP-Adapter loader applies FaceID's in-file LoRA through it (the
 # reference the public-adapter tests compare against; our loader fuses it itself).
-TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2", "polygraphy>=0.49", "peft>=0.13"]
+# websockets drives headless Chromium over the DevTools protocol in the page test.
+TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2", "polygraphy>=0.49", "peft>=0.13", "websockets>=12"] + SERVE
 
 setup(
     name="infiniteid-rt",
@@ -55,6 +64,7 @@ setup(
         "runtime": [],
         "export": EXPORT,
         "gpu": GPU,
+        "serve": SERVE,
         "test": EXPORT + TEST,
     },
     entry_points={"console_scripts": ["infiniteid=infiniteid.cli:main"]},

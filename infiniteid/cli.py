@@ -13,7 +13,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS = ("demo", "generate", "export", "inspect", "build", "check", "selftest", "convert-adapter")
+COMMANDS = ("demo", "generate", "export", "inspect", "build", "check", "selftest", "convert-adapter", "serve", "bench")
 
 
 class UserError(Exception):

@@ -269,11 +269,23 @@ class Runtime:
                     f"re-export with it {'on' if wanted else 'off'} to run this setting"
                 )
 
-    def conditioning(self, requests: Sequence[gen.GenerationRequest], settings: gen.BatchSettings) -> Dict[str, np.ndarray]:
-        """U-Net inputs that stay fixed over the steps (assembled by :func:`gen.unet_conditioning`)."""
+    def conditioning(
+        self,
+        requests: Sequence[gen.GenerationRequest],
+        settings: gen.BatchSettings,
+        identities: Optional[Sequence[Tuple[np.ndarray, np.ndarray]]] = None,
+    ) -> Dict[str, np.ndarray]:
+        """U-Net inputs that stay fixed over the steps (assembled by :func:`gen.unet_conditioning`).
+
+        ``identities``: one ``(c_id, uncond c_id)`` per request computed earlier (a server's
+        ``c_id`` cache); by default each request's faces are encoded here."""
         prompt = self.encode_prompts([r.prompt for r in requests])
         negative = self.encode_negative([r.negative_prompt for r in requests]) if settings.cfg else None
-        feeds = gen.unet_conditioning(requests, settings, prompt, negative, [self.identity_tokens(r) for r in requests])
+        if identities is None:
+            identities = [self.identity_tokens(r) for r in requests]
+        elif len(identities) != len(requests):
+            raise gen.InvalidRequest(f"{len(identities)} identities given for {len(requests)} requests")
+        feeds = gen.unet_conditioning(requests, settings, prompt, negative, identities)
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
 
     def generate(
@@ -282,9 +294,11 @@ class Runtime:
         settings: Optional[gen.BatchSettings] = None,
         noise: Optional[np.ndarray] = None,
         progress: bool = True,
+        identities: Optional[Sequence[Tuple[np.ndarray, np.ndarray]]] = None,
     ) -> RuntimeOutput:
         """One batch of requests sharing ``settings``. ``noise``: optional initial latents
-        ``(N, 4, H/8, W/8)``; by default each request's seed draws its own."""
+        ``(N, 4, H/8, W/8)``; by default each request's seed draws its own. ``identities``:
+        precomputed ``(c_id, uncond c_id)`` per request (see :meth:`conditioning`)."""
         from .schedulers import make_scheduler
 
         settings = settings or gen.BatchSettings(height=self.default_height, width=self.default_width)
@@ -299,7 +313,7 @@ class Runtime:
 
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
-        feeds = self.conditioning(requests, settings)
+        feeds = self.conditioning(requests, settings, identities)
         timings["encode"] = time.perf_counter() - t0
 
         scheduler = make_scheduler(settings.scheduler, self.bundle.manifest.scheduler_config)
