@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from .contract import COMPONENTS, Dim
+from .manifest_schema import manifest_problem
 
 FORMAT = "infiniteid-bundle"
 FORMAT_VERSION = 1
@@ -140,6 +141,9 @@ class Manifest:
                 f"{where}: manifest format version {d.get('format_version')!r} is not understood by this runtime "
                 f"(it reads version {FORMAT_VERSION}); re-export the bundle with this version"
             )
+        problem = manifest_problem(d, cls)
+        if problem:
+            raise BundleError(f"{where}: {problem}")
         try:
             comps = {
                 k: ComponentSpec(
