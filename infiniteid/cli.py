@@ -58,9 +58,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM too where a command turns it into one (exit_status 143)
         print("interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_status", 130))
     except _user_errors() as e:
         print(f"infiniteid {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -134,32 +134,18 @@ def _base_resolution(base: Path) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export.bundle_writer import check_output_folder
+    # Everything cheap first, before PyTorch is imported or weights are loaded:
+    # options, sources, the output folder and its lock.
+    from ..export.output_folder import check_output_folder, output_lock, sigterm_as_interrupt
 
     opts = options_from_args(args)
     _check_sources(args)
     out = Path(args.out).expanduser().absolute()
-    check_output_folder(out, args.overwrite)  # before minutes of loading
-
-    from ..export import export_bundle
-    from ..model.pipeline import InfiniteIDPipeline
-
-    if args.tiny:
-        pipeline = InfiniteIDPipeline.tiny(args.seed)
-    else:
-        # Refuse an illegal resolution before loading gigabytes of weights.
-        if args.height or args.width or args.min_resolution or args.max_resolution:
-            opts.resolve(*_base_resolution(Path(args.base).expanduser()))
-        from ..model.adapter import AdapterError
-        from ..model.loading import WeightsError
-
-        try:
-            pipeline = InfiniteIDPipeline.from_pretrained(args.base, args.image_encoder, args.adapter)
-        except (WeightsError, AdapterError) as e:
-            raise UserError(str(e)) from None
-    manifest = export_bundle(
-        pipeline, out, opts, overwrite=args.overwrite, progress=not args.no_progress, face_models=args.face_models
-    )
+    check_output_folder(out, args.overwrite)
+    if not args.tiny and (args.height or args.width or args.min_resolution or args.max_resolution):
+        opts.resolve(*_base_resolution(Path(args.base).expanduser()))  # an illegal resolution before gigabytes of weights
+    with sigterm_as_interrupt(), output_lock(out):  # creates missing parent folders
+        manifest = _export(args, opts, out)
     total = sum(c.size + c.external_size for c in manifest.components.values())
     print(
         f"wrote {out} ({len(manifest.components)} graphs, {total / 2**20:.1f} MiB, "
@@ -168,3 +154,22 @@ def run(args: argparse.Namespace) -> int:
         f"up to {manifest.max_images} images per batch)"
     )
     return 0
+
+
+def _export(args: argparse.Namespace, opts: Any, out: Path) -> Any:
+    from ..export import export_bundle
+    from ..model.pipeline import InfiniteIDPipeline
+
+    if args.tiny:
+        pipeline = InfiniteIDPipeline.tiny(args.seed)
+    else:
+        from ..model.adapter import AdapterError
+        from ..model.loading import WeightsError
+
+        try:
+            pipeline = InfiniteIDPipeline.from_pretrained(args.base, args.image_encoder, args.adapter)
+        except (WeightsError, AdapterError) as e:
+            raise UserError(str(e)) from None
+    return export_bundle(
+        pipeline, out, opts, overwrite=args.overwrite, progress=not args.no_progress, face_models=args.face_models
+    )
