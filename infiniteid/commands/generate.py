@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -131,12 +132,34 @@ def save_png(image: Any, path: Path) -> None:
 
 
 def _check_out(path: Path, what: str) -> None:
+    """Refuse, before any work, an output that could not be written after it."""
     from ..cli import UserError
 
     if path.suffix.lower() != ".png":
         raise UserError(f"{what} must be a .png file, got {path}")
     if path.exists() and path.is_dir():
         raise UserError(f"{what} {path} is a folder")
+    folder = path.parent  # created when the image is written: its nearest existing ancestor must take it
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{what} {path} cannot be written: {folder} is a file, not a folder")
+    for target in (path, path.with_suffix(".json")):
+        if target.exists() and not os.access(target, os.W_OK):
+            raise UserError(f"{what} {path} cannot be written: {target} is read-only")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be written: no permission to write in {folder}")
+
+
+def check_outputs(out: Path, text_out: Optional[Path]) -> None:
+    """``--out`` (and ``--text-stream-out``) writable, and not the same file."""
+    from ..cli import UserError
+
+    _check_out(out, "--out")
+    if text_out is not None:
+        _check_out(text_out, "--text-stream-out")
+        if text_out.expanduser().absolute().resolve() == out.expanduser().absolute().resolve():
+            raise UserError("--text-stream-out must differ from --out (one image would overwrite the other)")
 
 
 # -- the command -------------------------------------------------------------------
@@ -144,10 +167,10 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import UserError
     from .. import generation as gen
 
-    _check_out(args.out, "--out")
-    if args.text_stream_out is not None:
-        _check_out(args.text_stream_out, "--text-stream-out")
+    check_outputs(args.out, args.text_stream_out)
     for f in args.face:
+        if f.is_dir():
+            raise UserError(f"--face {f} is a folder; give an image file (a photo of the face)")
         if not f.is_file():
             raise UserError(f"face image not found: {f}")
     if len(args.face) > 1 and len(set(map(str, args.face))) != len(args.face):
