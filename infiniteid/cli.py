@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import List, Optional
 
 COMMANDS = ("demo", "generate", "export", "inspect", "build", "check")
@@ -38,6 +39,18 @@ def _user_errors() -> tuple:
     return tuple(types)
 
 
+def _warning_printer(command: str, default):
+    """The project's own warnings (a cut prompt, several faces in a photo) as one line each."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and category.__module__.startswith("infiniteid."):
+            print(f"infiniteid {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infiniteid",
@@ -57,7 +70,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
+            return int(args.run(args) or 0)
     except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM too where a command turns it into one (exit_status 143)
         print("interrupted", file=sys.stderr)
         return int(getattr(e, "exit_status", 130))

@@ -38,3 +38,47 @@ def test_sixteen_bit_face_is_found(tmp_path):
     got = face.embed(path)  # was: an all-white image, "no face found"
     want = face.embed(np.repeat(grey8[:, :, None], 3, axis=2))
     np.testing.assert_array_equal(got.embedding, want.embedding)
+
+
+# -- prompts past 77 tokens -------------------------------------------------------------
+LONG = " ".join(["a photo of a man in comic book style"] * 9) + " wearing a red hat"
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    from infiniteid.commands.demo import tiny_bundle
+
+    return tiny_bundle(tmp_path_factory.getbasetemp() / "iid-cache", progress=False)
+
+
+def test_truncated_prompt_warns_with_the_dropped_part_runtime_and_reference(bundle_dir):
+    from infiniteid.runtime import Runtime
+    from infiniteid.tokenize import PromptTruncatedWarning
+
+    rt = Runtime(bundle_dir, intra_op_threads=1)
+    assert rt.tokenizer.dropped_text("a photo of a man") == ""
+    with pytest.warns(PromptTruncatedWarning) as got:
+        rt.encode_prompts(["a short one", LONG])
+    assert [str(w.message) for w in got] == [
+        "the prompt is longer than the text encoders' 77 tokens; this part was dropped: "
+        "'a man in comic book style wearing a red hat'"]
+
+    from infiniteid.model.pipeline import InfiniteIDPipeline
+
+    with pytest.warns(PromptTruncatedWarning, match="this part was dropped: 'a man in comic book style wearing a red hat'"):
+        InfiniteIDPipeline.tiny(0).encode_prompts([LONG])
+
+
+def test_truncated_prompt_warning_on_the_command_line(bundle_dir, tmp_path, capsys):
+    from infiniteid.cli import main
+    from infiniteid.commands.demo import demo_face
+    from infiniteid.face import write_synthetic_face_models
+
+    demo_face().save(tmp_path / "face.png")
+    models = write_synthetic_face_models(tmp_path / "models", seed=0)
+    assert main(["generate", "--bundle", str(bundle_dir), "--face", str(tmp_path / "face.png"), "--face-models",
+                 str(models), "--prompt", LONG, "--out", str(tmp_path / "o.png"), "--steps", "1", "--height", "64",
+                 "--width", "64", "--threads", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["infiniteid generate: warning: the prompt is longer than the text encoders' 77 tokens; this part "
+                   "was dropped: 'a man in comic book style wearing a red hat'"], err

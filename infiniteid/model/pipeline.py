@@ -111,6 +111,7 @@ class InfiniteIDPipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (embeds ``(N, 77, C)``, pooled ``(N, P)``): both encoders' penultimate
         hidden states side by side, and the second encoder's projected pooled output."""
+        self.c.tokenizer.warn_truncated(list(prompts))
         ids1 = torch.from_numpy(self.c.tokenizer(prompts)).to(self.device)
         ids2 = torch.from_numpy(self.c.tokenizer_2(prompts)).to(self.device)
         h1 = self.c.text_encoder(ids1, output_hidden_states=True).hidden_states[-2]

@@ -200,6 +200,7 @@ class Runtime:
     def encode_prompts(self, prompts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
         """Prompts -> (embeds ``(N, 77, C)``, pooled ``(N, P)``), as the reference computes them."""
         prompts = list(prompts)
+        self.tokenizer.warn_truncated(prompts)
         h1 = self._run(TEXT_ENCODER, {"input_ids": self.tokenizer(prompts)})["hidden_states"]
         out2 = self._run(TEXT_ENCODER_2, {"input_ids": self.tokenizer_2(prompts)})
         return np.concatenate([h1, out2["hidden_states"]], axis=-1), out2["text_embeds"]
