@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="InfiniteID-RT: identity-preserving SDXL (Infinite-ID) from PyTorch to ONNX and TensorRT.",
         epilog="Run 'infiniteid COMMAND --help' for each command's options.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"infiniteid-rt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"infiniteid.commands.{name}").register(sub)

@@ -82,3 +82,15 @@ def test_truncated_prompt_warning_on_the_command_line(bundle_dir, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["infiniteid generate: warning: the prompt is longer than the text encoders' 77 tokens; this part "
                    "was dropped: 'a man in comic book style wearing a red hat'"], err
+
+
+# -- --version ---------------------------------------------------------------------------------
+def test_version_flag_and_attribute():
+    import importlib.metadata
+
+    import infiniteid
+
+    p = subprocess.run([sys.executable, "-m", "infiniteid", "--version"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == f"infiniteid-rt {infiniteid.__version__}"
+    assert infiniteid.__version__ == importlib.metadata.version("infiniteid-rt")  # setup.py reads it from the package
+

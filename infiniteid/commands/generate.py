@@ -96,12 +96,9 @@ def versions() -> Dict[str, str]:
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, "__version__"):
             out[mod] = str(m.__version__)
-    try:
-        from importlib.metadata import version
+    from .. import __version__
 
-        out["infiniteid-rt"] = version("infiniteid-rt")
-    except Exception:  # not installed as a distribution (run from a checkout)
-        pass
+    out["infiniteid-rt"] = __version__
     return out
 
 
