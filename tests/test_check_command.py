@@ -51,11 +51,11 @@ def test_fp16_bundle_against_fp32_bundle(fp16, fp32, tmp_path, capsys):
     assert unet["shape"] == [4, 4, 16, 16]  # default resolution 128x128, CFG, one image
 
 
-def test_strict_tolerance_fails_with_exit_status_1(fp16, fp32, capsys):
+def test_strict_tolerance_fails_with_its_own_exit_status(fp16, fp32, capsys):
     rc = main(["check", str(fp16), "--backend", "ort", "--against", "ort", "--bundle-b", str(fp32),
                "--components", "unet", "--min-cosine", "1.0", "--max-rel-l2", "1e-7"])
     cap = capsys.readouterr()
-    assert rc == 1
+    assert rc == 3  # TOLERANCE_FAILED; usage errors exit 1
     assert "FAIL" in cap.out and "unet.noise_pred: cosine" in cap.out and "rel_l2" in cap.out
     assert "parity check FAILED for: unet" in cap.err
 

@@ -84,7 +84,7 @@ def test_truncated_prompt_warning_on_the_command_line(bundle_dir, tmp_path, caps
                    "was dropped: 'a man in comic book style wearing a red hat'"], err
 
 
-# -- --version ---------------------------------------------------------------------------------
+# -- --version, check's defaults and exit statuses -----------------------------------------
 def test_version_flag_and_attribute():
     import importlib.metadata
 
@@ -94,3 +94,27 @@ def test_version_flag_and_attribute():
     assert p.returncode == 0 and p.stdout.strip() == f"infiniteid-rt {infiniteid.__version__}"
     assert infiniteid.__version__ == importlib.metadata.version("infiniteid-rt")  # setup.py reads it from the package
 
+
+def test_check_backend_defaults_to_what_runs_here(bundle_dir, tmp_path, capsys):
+    import shutil
+
+    from infiniteid.cli import main
+    from infiniteid.commands.check import TOLERANCE_FAILED
+    from infiniteid.runtime.backend import default_backend
+    from infiniteid.runtime.loader import Bundle
+    from infiniteid.runtime.ort_backend import cuda_device_count
+
+    assert TOLERANCE_FAILED == 3
+    if cuda_device_count() == 0:
+        assert default_backend(Bundle.load(bundle_dir)) == "ort"  # no GPU: was "trt", which cannot run here
+    other = tmp_path / "copy"
+    shutil.copytree(bundle_dir, other)
+    rc = main(["check", str(bundle_dir), "--bundle-b", str(other), "--components", "text_encoder"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"candidate {default_backend(Bundle.load(bundle_dir))}:{bundle_dir}" in out and "parity check passed" in out
+    if cuda_device_count() == 0:
+        assert main(["check", str(bundle_dir)]) == 1
+        assert capsys.readouterr().err.strip() == (
+            "infiniteid check: error: comparing backend 'ort' (the default here: no GPU with TensorRT and engines) with "
+            "itself on one bundle shows nothing; choose another --backend/--against or give a second bundle with --bundle-b")

@@ -18,8 +18,16 @@ Every component runs once on both sides with the same seeded inputs (real
 prompts through the bundle's tokenizers, random embeddings, noise and latents)
 at the bundle's default resolution, or at the shapes static engines were built
 for. Per output: max/mean absolute and relative error, whole-tensor relative L2
-error and cosine similarity. Exit status 1 when any output fails the tolerance.
+error and cosine similarity.
+
+exit status:
+  0  every output within the tolerance
+  1  a usage error (bad option, missing bundle, backend that cannot run here)
+  3  the check ran and an output failed the tolerance (TOLERANCE_FAILED)
 """
+
+#: exit status of a check that ran and found an output outside the tolerance (usage errors exit 1)
+TOLERANCE_FAILED = 3
 
 PROMPTS = (
     "a photo of a person",
@@ -38,7 +46,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bundle", help="bundle folder (the candidate side)")
-    p.add_argument("--backend", default="trt", help="candidate backend: trt or ort (default: trt)")
+    p.add_argument("--backend", default=None,
+                   help="candidate backend: trt or ort (default: trt where TensorRT, a GPU and engines exist, else ort)")
     p.add_argument("--against", default="ort", help="reference backend: ort or trt (default: ort)")
     p.add_argument("--bundle-b", metavar="BUNDLE", default=None,
                    help="reference bundle (default: the same bundle), e.g. an fp32 export to check an fp16 one")
@@ -126,21 +135,25 @@ def run(args) -> int:
     from ..cli import UserError
     from ..compare import Tolerance, compare_outputs, format_table, reports_to_json
     from ..contract import COMPONENTS
-    from ..runtime.backend import BACKENDS, make_backend
+    from ..runtime.backend import BACKENDS, default_backend, make_backend
     from ..runtime.loader import Bundle
     from ..trt.names import write_atomic
 
     for side in (args.backend, args.against):
-        if side not in BACKENDS:
+        if side is not None and side not in BACKENDS:
             raise UserError(f"unknown backend {side!r}; choose from {', '.join(BACKENDS)}")
     comps = list(args.components or COMPONENTS)
     bad = [c for c in comps if c not in COMPONENTS]
     if bad:
         raise UserError(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(COMPONENTS)}")
     same_bundle = args.bundle_b is None or Path(args.bundle_b).resolve() == Path(args.bundle).resolve()
+    chosen = args.backend is None
+    if chosen:
+        args.backend = default_backend(Bundle.load(args.bundle))
     if args.backend == args.against and same_bundle:
-        raise UserError(f"comparing backend {args.backend!r} with itself on one bundle shows nothing; "
-                        "choose another --against or give a second bundle with --bundle-b")
+        why = " (the default here: no GPU with TensorRT and engines)" if chosen and args.backend == "ort" else ""
+        raise UserError(f"comparing backend {args.backend!r}{why} with itself on one bundle shows nothing; "
+                        "choose another --backend/--against or give a second bundle with --bundle-b")
     if args.images < 1:
         raise UserError(f"--images must be a positive integer, got {args.images}")
     tol = Tolerance(min_cosine=args.min_cosine, max_rel_l2=args.max_rel_l2, max_abs=args.max_abs)
@@ -198,6 +211,6 @@ def run(args) -> int:
     failed = [r.component for r in reports if not r.passed]
     if failed:
         print(f"parity check FAILED for: {', '.join(failed)}", file=sys.stderr)
-        return 1
+        return TOLERANCE_FAILED
     print("parity check passed")
     return 0
