@@ -118,3 +118,23 @@ def test_check_backend_defaults_to_what_runs_here(bundle_dir, tmp_path, capsys):
         assert capsys.readouterr().err.strip() == (
             "infiniteid check: error: comparing backend 'ort' (the default here: no GPU with TensorRT and engines) with "
             "itself on one bundle shows nothing; choose another --backend/--against or give a second bundle with --bundle-b")
+
+
+# -- the reference pipeline: native size, PIL images like the runtime ------------------------
+def test_reference_pipeline_defaults_to_native_size_and_returns_pil_like_the_runtime(bundle_dir):
+    from infiniteid.model.pipeline import FaceInput, InfiniteIDPipeline
+    from infiniteid.runtime import Runtime
+
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal(512).astype(np.float32)
+    face = FaceInput(embedding=e / np.linalg.norm(e), crop=rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    pipe = InfiniteIDPipeline.tiny(0)
+    assert (pipe.default_height, pipe.default_width) == (128, 128)  # the tiny U-Net's native size (was 1024)
+    ref = pipe("a photo of a person", face, steps=1, seed=2, progress=False)
+    rt = Runtime(bundle_dir, intra_op_threads=1)
+    ours = rt("a photo of a person", face, steps=1, seed=2, progress=False)
+    for out in (ref, ours):
+        assert isinstance(out.images[0], Image.Image) and out.images[0].size == (128, 128)
+        np.testing.assert_array_equal(np.asarray(out.images[0]), out.arrays[0])
+    assert np.abs(ref.arrays[0].astype(int) - ours.arrays[0].astype(int)).max() <= 2  # and they agree
+

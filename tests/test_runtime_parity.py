@@ -64,10 +64,10 @@ def settings(**kw) -> gen.BatchSettings:
 
 
 def assert_same(ours, ref, text: bool = False) -> None:
-    assert len(ours.arrays) == len(ref.images)
-    pairs = list(zip(ours.arrays, ref.images))
+    assert len(ours.arrays) == len(ref.arrays)
+    pairs = list(zip(ours.arrays, ref.arrays))
     if text:
-        pairs += list(zip(ours.text_arrays, ref.text_images))
+        pairs += list(zip(ours.text_arrays, ref.text_arrays))
     for a, b in pairs:
         assert a.shape == b.shape and a.dtype == np.uint8
         diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max()
@@ -234,7 +234,7 @@ def test_fp16_bundle_close_to_fp32_reference(tmp_path, rt, pipe):
     ours = rt16.generate(req, settings(), progress=False)
     ref = pipe.generate(req, settings(), progress=False)
     assert ours.latents.dtype == np.float32
-    diff = np.abs(ours.arrays[0].astype(int) - ref.images[0].astype(int)).max()
+    diff = np.abs(ours.arrays[0].astype(int) - ref.arrays[0].astype(int)).max()
     assert diff <= 8, f"fp16 bundle differs from the fp32 reference by {diff}/255"
     shutil.rmtree(tmp_path / "fp16")
 
