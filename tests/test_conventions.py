@@ -138,3 +138,15 @@ def test_reference_pipeline_defaults_to_native_size_and_returns_pil_like_the_run
         np.testing.assert_array_equal(np.asarray(out.images[0]), out.arrays[0])
     assert np.abs(ref.arrays[0].astype(int) - ours.arrays[0].astype(int)).max() <= 2  # and they agree
 
+
+# -- benchmark scripts: --help runs and names only real options -------------------------------
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py")))
+def test_benchmark_help_mentions_only_real_options(script):
+    import re
+
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    assert p.returncode == 0, p.stderr
+    defined = set(re.findall(r"^\s{2}(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", p.stdout, flags=re.M))
+    mentioned = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", p.stdout))
+    assert defined and mentioned - defined == set(), f"{script} --help mentions options it does not have"
