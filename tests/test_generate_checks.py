@@ -68,3 +68,33 @@ def test_text_stream_out_must_differ_from_out(bundle_dir, photo, face_models, tm
 def test_face_folder_is_named_a_folder(bundle_dir, face_models, tmp_path, capsys):
     assert main(args(bundle_dir, tmp_path, face_models, tmp_path / "me.png")) == 1
     assert one_line(capsys) == f"infiniteid generate: error: --face {tmp_path} is a folder; give an image file (a photo of the face)"
+
+
+def test_prints_latency_and_records_absolute_paths_and_face_hashes(bundle_dir, photo, face_models, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "face.png").write_bytes(photo.read_bytes())
+    argv = args(bundle_dir, "face.png", face_models, "sub/me.png", "--text-stream-out", "sub/text.png")
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    import re
+
+    assert re.fullmatch(r"wrote sub/me\.png \(64x64, 2 steps, \d+\.\d\d s: encode \d+\.\d\d s, denoise \d+\.\d\d s, "
+                        r"decode \d+\.\d\d s\) and sub/me\.json", line), line
+    side = json.loads((tmp_path / "sub" / "me.json").read_text())
+    face = str(tmp_path / "face.png")
+    assert side["request"]["faces"] == [face]
+    assert side["faces"] == [{"path": face, "sha256": hashlib.sha256(photo.read_bytes()).hexdigest()}]
+    assert side["outputs"] == {"image": str(tmp_path / "sub" / "me.png"), "text_stream": str(tmp_path / "sub" / "text.png")}
+    assert side["arguments"]["face"] == [face] and side["arguments"]["out"] == str(tmp_path / "sub" / "me.png")
+    assert side["source"]["face_models"] == str(face_models) and side["source"]["bundle"] == str(bundle_dir)
+    assert side["source"]["seconds"] > 0
+
+
+def test_missing_face_models_named_as_the_option(bundle_dir, photo, tmp_path, capsys):
+    argv = ["generate", "--bundle", str(bundle_dir), "--face", str(photo), "--prompt", "p", "--out", str(tmp_path / "o.png")]
+    assert main(argv) == 1
+    err = one_line(capsys)
+    assert err == ("infiniteid generate: error: no face model folder is known (the bundle references none): pass "
+                   "--face-models DIR, an insightface folder with a detector and ArcFace, such as antelopev2")
+    assert "face_models" not in err

@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 EPILOG = """\
 examples:
@@ -102,14 +102,29 @@ def versions() -> Dict[str, str]:
     return out
 
 
+def absolute(path: Any) -> str:
+    """A path as the sidecars record it: absolute (relative paths mean nothing once the file is moved)."""
+    return str(Path(path).expanduser().absolute())
+
+
 def arguments(args: argparse.Namespace) -> Dict[str, Any]:
-    """The command's parsed arguments, JSON-friendly."""
+    """The command's parsed arguments, JSON-friendly; paths absolute."""
     out: Dict[str, Any] = {}
     for k, v in vars(args).items():
         if k in ("run", "command"):
             continue
-        out[k] = [str(x) for x in v] if isinstance(v, list) else (str(v) if isinstance(v, Path) else v)
+        if isinstance(v, list):
+            out[k] = [absolute(x) if isinstance(x, Path) else str(x) for x in v]
+        else:
+            out[k] = absolute(v) if isinstance(v, Path) else v
     return out
+
+
+def face_files(paths: Any) -> List[Dict[str, str]]:
+    """Each face image by absolute path and sha256, so a sidecar says exactly which photo was used."""
+    from ..bundle import file_digest
+
+    return [{"path": absolute(p), "sha256": file_digest(Path(p))} for p in paths]
 
 
 def write_sidecar(png: Path, record: Dict[str, Any]) -> Path:
@@ -177,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
     request = gen.GenerationRequest(
         prompt=args.prompt,
-        faces=[str(f) for f in args.face],
+        faces=[absolute(f) for f in args.face],
         negative_prompt=args.negative_prompt,
         id_scale=gen.DEFAULT_ID_SCALE if args.id_scale is None else args.id_scale,
         guidance=gen.DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
@@ -225,6 +240,9 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
         opts["intra_op_threads"] = args.threads
 
     bundle = Bundle.load(args.bundle, verify_hashes=args.verify_hashes)
+    if args.face_models is None and bundle.face_models_folder() is None:
+        raise UserError("no face model folder is known (the bundle references none): pass --face-models DIR, "
+                        "an insightface folder with a detector and ArcFace, such as antelopev2")
     rt = Runtime(bundle, backend=args.backend, face_models=args.face_models, **opts)
     try:
         settings = _settings(args, rt.default_height, rt.default_width)
@@ -239,7 +257,7 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
         "engine": "runtime",
         "bundle": str(Path(args.bundle).resolve()),
         "backend": backend_info,
-        "face_models": str(rt.face_models or bundle.face_models_folder() or ""),
+        "face_models": absolute(rt.face_models or bundle.face_models_folder()),
         "seconds": round(seconds, 3),
         "timings": {k: round(v, 3) for k, v in out.timings.items()},
     })
@@ -269,10 +287,10 @@ def _run_reference(args: argparse.Namespace, request) -> int:
     seconds = time.perf_counter() - t0
     return _write(args, request, settings, out.images[0], out.text_images[0] if out.text_images else None, {
         "engine": "pytorch-reference",
-        "base": str(args.base),
-        "image_encoder": str(args.image_encoder),
-        "adapter": str(args.adapter),
-        "face_models": str(args.face_models),
+        "base": absolute(args.base),
+        "image_encoder": absolute(args.image_encoder),
+        "adapter": absolute(args.adapter),
+        "face_models": absolute(args.face_models),
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "seconds": round(seconds, 3),
@@ -283,12 +301,13 @@ def _write(args, request, settings, image, text_image, source: Dict[str, Any]) -
     from .. import generation as gen
 
     save_png(image, args.out)
-    outputs: Dict[str, Optional[str]] = {"image": str(args.out)}
+    outputs: Dict[str, Optional[str]] = {"image": absolute(args.out)}
     if text_image is not None:
         save_png(text_image, args.text_stream_out)
-        outputs["text_stream"] = str(args.text_stream_out)
+        outputs["text_stream"] = absolute(args.text_stream_out)
     record = {
         "request": gen.describe(request),
+        "faces": face_files(request.faces),
         "settings": settings.to_dict(),
         "source": source,
         "outputs": outputs,
@@ -296,5 +315,7 @@ def _write(args, request, settings, image, text_image, source: Dict[str, Any]) -
         "arguments": arguments(args),
     }
     side = write_sidecar(args.out, record)
-    print(f"wrote {args.out} ({settings.width}x{settings.height}, {settings.steps} steps) and {side}")
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in source.get("timings", {}).items())
+    print(f"wrote {args.out} ({settings.width}x{settings.height}, {settings.steps} steps, {source['seconds']:.2f} s"
+          + (f": {stages}" if stages else "") + f") and {side}")
     return 0
