@@ -192,6 +192,11 @@ class InfiniteIDPipeline:
             noise = np.stack([gen.initial_noise(r.seed, h, w) for r in requests])
         if tuple(noise.shape) != gen.latent_shape(len(requests), h, w):
             raise gen.InvalidRequest(f"noise must have shape {gen.latent_shape(len(requests), h, w)}, got {noise.shape}")
+        groups = gen.identity_groups(requests)
+        if len(groups) > 1:  # different ID-token counts cannot share a U-Net call: one sub-batch per count
+            noise = np.asarray(noise)
+            parts = [self.generate([requests[i] for i in g], settings, noise[g], progress) for g in groups]
+            return gen.merge_outputs(groups, parts)
 
         cond = self.conditioning(requests, settings)
         scheduler = make_torch_scheduler(settings.scheduler, self.c.scheduler_config)

@@ -300,12 +300,16 @@ class Runtime:
         settings = settings or gen.BatchSettings(height=self.default_height, width=self.default_width)
         self.check(requests, settings)
         h, w = settings.height, settings.width
-        layout = BatchLayout(images=len(requests), cfg=settings.cfg)
         if noise is None:
             noise = np.stack([gen.initial_noise(r.seed, h, w) for r in requests])
         noise = np.asarray(noise, dtype=np.float32)
         if tuple(noise.shape) != gen.latent_shape(len(requests), h, w):
             raise gen.InvalidRequest(f"noise must have shape {gen.latent_shape(len(requests), h, w)}, got {noise.shape}")
+        groups = gen.identity_groups(requests)
+        if len(groups) > 1:  # different ID-token counts cannot share a U-Net call: one sub-batch per count
+            parts = [self.generate([requests[i] for i in g], settings, noise[g], progress) for g in groups]
+            return gen.merge_outputs(groups, parts)
+        layout = BatchLayout(images=len(requests), cfg=settings.cfg)
 
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
