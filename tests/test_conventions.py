@@ -150,3 +150,18 @@ def test_benchmark_help_mentions_only_real_options(script):
     defined = set(re.findall(r"^\s{2}(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", p.stdout, flags=re.M))
     mentioned = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", p.stdout))
     assert defined and mentioned - defined == set(), f"{script} --help mentions options it does not have"
+
+
+# -- the face front end picks providers that can run here ---------------------------------------
+def test_face_embedder_default_providers_load_quietly_without_a_gpu(tmp_path):
+    pytest.importorskip("insightface", reason="the face front end needs insightface")
+    from infiniteid.devices import cuda_device_count
+
+    if cuda_device_count() > 0:
+        pytest.skip("this machine has a GPU: the CUDA provider is the right default here")
+    code = ("import sys; from infiniteid.face import FaceEmbedder, write_synthetic_face_models\n"
+            f"f = FaceEmbedder.from_folder(write_synthetic_face_models({str(tmp_path / 'models')!r}, seed=0))\n"
+            f"r = f.embed({str(PHOTO)!r}); print(r.embedding.shape)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 0 and p.stdout.strip() == "(512,)", p.stderr
+    assert "CUDA" not in p.stderr and "Failed to load" not in p.stderr, p.stderr  # was: red provider-load errors
