@@ -88,8 +88,11 @@ def test_every_component_feed_checked_against_its_range(rt):
 
 def test_cli_refuses_three_faces_in_one_line(bundle_dir, tmp_path, capsys):
     from infiniteid.commands.demo import demo_face
+    from infiniteid.face import write_synthetic_face_models
 
-    argv = ["generate", "--bundle", str(bundle_dir), "--prompt", "p", "--out", str(tmp_path / "o.png"), "--no-progress"]
+    models = write_synthetic_face_models(tmp_path / "models", seed=0)
+    argv = ["generate", "--bundle", str(bundle_dir), "--prompt", "p", "--out", str(tmp_path / "o.png"), "--no-progress",
+            "--face-models", str(models)]
     for k in range(3):
         demo_face().save(tmp_path / f"face{k}.png")
         argv += ["--face", str(tmp_path / f"face{k}.png")]
