@@ -22,7 +22,8 @@ error and cosine similarity.
 
 exit status:
   0  every output within the tolerance
-  1  a usage error (bad option, missing bundle, backend that cannot run here)
+  1  a usage error (bad value, missing bundle, backend that cannot run here)
+  2  a malformed command line (unknown option, missing argument)
   3  the check ran and an output failed the tolerance (TOLERANCE_FAILED)
 """
 
