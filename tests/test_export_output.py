@@ -35,6 +35,7 @@ def run_cli_without_torch(argv):
         (["--precision", "fp16", "--min-resolution", "512", "--max-resolution", "256"],
          "min resolution 512 is larger than max resolution 256"),
         (["--base", "nowhere"], "--tiny exports the tiny model; drop --base"),
+        (["--height", "100"], "height=100 is not a multiple of 16 (the VAE and U-Net downsampling need it); try 96 or 112"),
     ],
 )
 def test_bad_arguments_refused_before_torch_is_imported(tmp_path, flags, message):
@@ -42,6 +43,14 @@ def test_bad_arguments_refused_before_torch_is_imported(tmp_path, flags, message
     assert rc == 1 and err == f"infiniteid export: error: {message}", err
     assert torch_imported == "False"
     assert os.listdir(tmp_path) == []  # not even the parent folder
+
+
+def test_tiny_geometry_is_the_tiny_models():
+    from infiniteid.model.pipeline import InfiniteIDPipeline
+    from infiniteid.model.tiny_geometry import RESOLUTION
+
+    pipe = InfiniteIDPipeline.tiny(0)
+    assert RESOLUTION == (pipe.resolution_multiple, pipe.default_height) == (16, 128)
 
 
 def test_output_under_a_file_refused(tmp_path, capsys):

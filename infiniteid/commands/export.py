@@ -142,8 +142,13 @@ def run(args: argparse.Namespace) -> int:
     _check_sources(args)
     out = Path(args.out).expanduser().absolute()
     check_output_folder(out, args.overwrite)
-    if not args.tiny and (args.height or args.width or args.min_resolution or args.max_resolution):
-        opts.resolve(*_base_resolution(Path(args.base).expanduser()))  # an illegal resolution before gigabytes of weights
+    if args.height or args.width or args.min_resolution or args.max_resolution:  # an illegal size before any model
+        if args.tiny:
+            from ..model.tiny_geometry import RESOLUTION
+
+            opts.resolve(*RESOLUTION)
+        else:
+            opts.resolve(*_base_resolution(Path(args.base).expanduser()))
     with sigterm_as_interrupt(), output_lock(out):  # creates missing parent folders
         manifest = _export(args, opts, out)
     total = sum(c.size + c.external_size for c in manifest.components.values())
