@@ -61,6 +61,9 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+_ORDER = {bool: 0, int: 1, float: 2, str: 3}
+
+
 def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -76,8 +79,9 @@ def _type_name(hint: Any) -> str:
         return "a string"
     if dataclasses.is_dataclass(hint):
         return "an object"
-    if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in args if a is not _NONE) + (" or null" if _NONE in args else "")
+    if origin is typing.Union:  # in a fixed order: typing caches Union[int, str] and Union[str, int] as one
+        options = sorted((a for a in args if a is not _NONE), key=lambda a: _ORDER.get(a, len(_ORDER)))
+        return " or ".join(_type_name(a) for a in options) + (" or null" if _NONE in args else "")
     if origin in (list, tuple):
         if origin is tuple and args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} {_plural(args[0])}"

@@ -209,8 +209,8 @@ def test_refusals(rt):
         rt.generate([req], settings(height=256), progress=False)
     with pytest.raises(gen.InvalidRequest, match="not a multiple of 16"):
         rt.generate([req], settings(width=72), progress=False)
-    with pytest.raises(gen.InvalidRequest, match="same number of identity tokens"):
-        rt.generate([req, gen.GenerationRequest("b", faces=[face(2), face(3)])], settings(), progress=False)
+    with pytest.raises(gen.InvalidRequest, match=r"request 2 mixes 3 faces \(63 identity tokens\); this bundle takes at most 2"):
+        rt.generate([req, gen.GenerationRequest("b", faces=[face(2), face(3), face(4)])], settings(), progress=False)
     with pytest.raises(gen.InvalidRequest, match="noise must have shape"):
         rt.generate([req], settings(), noise=np.zeros((1, 4, 4, 4), np.float32), progress=False)
     with pytest.raises(gen.InvalidRequest, match="no face model folder is known"):
