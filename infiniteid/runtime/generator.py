@@ -257,7 +257,7 @@ class Runtime:
         one, most = identity_token_limit(self.bundle.component(UNET), self.bundle.model.get("id_tokens"))
         for k, r in enumerate(requests):
             r.validate()
-            tokens = one if r.identity.mode == "interpolate" else one * len(r.faces)
+            tokens = one * gen.identity_count(r)
             if tokens > most:
                 raise gen.InvalidRequest(
                     f"request {k + 1} mixes {len(r.faces)} faces ({tokens} identity tokens); this bundle takes at most "
