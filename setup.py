@@ -7,7 +7,13 @@ Extras follow the package map in the README:
   serve   - the HTTP server, its metrics and Ray Serve scale-out (infiniteid serve / bench)
   test    - what the test suite needs on top of runtime + export
 """
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The version is written once, in infiniteid/__init__.py (infiniteid.__version__, infiniteid --version).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "infiniteid" / "__init__.py").read_text(), re.M)[1]
 
 RUNTIME = [
     "numpy>=1.26",
@@ -54,7 +60,7 @@ TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12
 
 setup(
     name="infiniteid-rt",
-    version="0.1.0",
+    version=VERSION,
     description="Deployment runtime for Infinite-ID identity-preserving SDXL: ONNX, TensorRT, Triton kernels",
     packages=find_packages(include=["infiniteid", "infiniteid.*"]),
     package_data={"infiniteid": ["data/*"]},

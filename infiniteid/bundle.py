@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from .contract import COMPONENTS, Dim
+from .manifest_schema import manifest_problem
 
 FORMAT = "infiniteid-bundle"
 FORMAT_VERSION = 1
@@ -149,6 +150,9 @@ class Manifest:
                 f"{where}: manifest format version {d.get('format_version')!r} is not understood by this runtime "
                 f"(it reads version {FORMAT_VERSION}); re-export the bundle with this version"
             )
+        problem = manifest_problem(d, cls)
+        if problem:
+            raise BundleError(f"{where}: {problem}")
         try:
             comps = {
                 k: ComponentSpec(

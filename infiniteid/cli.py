@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import List, Optional
 
 COMMANDS = ("demo", "generate", "export", "inspect", "build", "check", "selftest", "convert-adapter", "serve", "bench")
@@ -38,12 +39,27 @@ def _user_errors() -> tuple:
     return tuple(types)
 
 
+def _warning_printer(command: str, default):
+    """The project's own warnings (a cut prompt, several faces in a photo) as one line each."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and category.__module__.startswith("infiniteid."):
+            print(f"infiniteid {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infiniteid",
         description="InfiniteID-RT: identity-preserving SDXL (Infinite-ID) from PyTorch to ONNX and TensorRT.",
         epilog="Run 'infiniteid COMMAND --help' for each command's options.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"infiniteid-rt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"infiniteid.commands.{name.replace('-', '_')}").register(sub)
@@ -57,10 +73,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.run(args) or 0)
-    except KeyboardInterrupt:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
+            return int(args.run(args) or 0)
+    except KeyboardInterrupt as e:  # Ctrl-C; SIGTERM too where a command turns it into one (exit_status 143)
         print("interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(e, "exit_status", 130))
     except _user_errors() as e:
         print(f"infiniteid {args.command}: error: {e}", file=sys.stderr)
         return 1

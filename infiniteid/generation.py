@@ -7,17 +7,18 @@ time ids and the same resolution checks on every backend.
 The unit of work is a *batch*: requests that share resolution, step count,
 scheduler and the ablation switches (:class:`BatchSettings`), each keeping its own
 prompt, negative prompt, identity, ID scale, guidance and seed
-(:class:`GenerationRequest`).
+(:class:`GenerationRequest`). Requests with different numbers of mixed faces run
+as one sub-batch per face count (:func:`identity_groups`), results in request order.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from .arrays import concat, stack
-from .layout import BatchLayout, both_streams, merge_guidance
+from .layout import BatchLayout, both_streams, merge_guidance, split_streams
 
 # SDXL's VAE maps 8x8 pixels to one latent; its latent has 4 channels.
 VAE_SCALE_FACTOR = 8
@@ -197,6 +198,57 @@ def id_scale_array(requests: Sequence[GenerationRequest], cfg: bool) -> np.ndarr
     """Per-sample ID scales for the ID half of the batch (``[uncond..; cond..]`` with CFG)."""
     s = np.array([r.id_scale for r in requests], dtype=np.float32)
     return np.concatenate([s, s]) if cfg else s
+
+
+def identity_count(request: "GenerationRequest") -> int:
+    """How many identities' worth of ID tokens a request carries: its faces when mixed, 1 when interpolated."""
+    return 1 if request.identity.mode == "interpolate" else len(request.faces)
+
+
+def identity_groups(requests: Sequence["GenerationRequest"]) -> List[List[int]]:
+    """Request indices grouped by :func:`identity_count`, groups in order of first appearance.
+
+    One U-Net call needs one ID-token count for all its rows; a batch whose requests
+    differ runs as one sub-batch per group, and results go back in request order
+    (:func:`in_request_order`). Splitting keeps the graphs and engines unchanged
+    (no padded tokens, no attention mask) and each result identical to a batch of
+    its group alone.
+    """
+    groups: Dict[int, List[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(identity_count(r), []).append(i)
+    return list(groups.values())
+
+
+def in_request_order(groups: Sequence[Sequence[int]], parts: Sequence[Sequence[Any]]) -> List[Any]:
+    """Per-group result lists back into request order (the inverse of :func:`identity_groups`)."""
+    out: List[Any] = [None] * sum(len(g) for g in groups)
+    for g, items in zip(groups, parts):
+        for i, item in zip(g, items):
+            out[i] = item
+    return out
+
+
+def merge_outputs(groups: Sequence[Sequence[int]], parts: Sequence[Any]) -> Any:
+    """Sub-batch outputs (one per :func:`identity_groups` group) as one output of the same class, in
+    request order: ``images``/``arrays``/``text_images``/``text_arrays`` lists, ``latents``
+    ``[text; id]`` (numpy or torch), ``timings`` summed when present."""
+    def ordered(name: str) -> Any:
+        lists = [getattr(p, name) for p in parts]
+        return None if any(x is None for x in lists) else in_request_order(groups, lists)
+
+    halves = [split_streams(p.latents) for p in parts]
+    text = in_request_order(groups, [list(t) for t, _ in halves])
+    ident = in_request_order(groups, [list(i) for _, i in halves])
+    fields = dict(images=ordered("images"), arrays=ordered("arrays"), text_images=ordered("text_images"),
+                  text_arrays=ordered("text_arrays"), latents=concat([stack(text), stack(ident)]))
+    if hasattr(parts[0], "timings"):
+        timings: Dict[str, float] = {}
+        for p in parts:
+            for k, v in p.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+        fields["timings"] = timings
+    return type(parts[0])(**fields)
 
 
 def describe(request: GenerationRequest) -> dict:

@@ -5,9 +5,14 @@ their pad token (``<|endoftext|>`` for the first, ``!`` for the second), which
 matters because the second text encoder pools at the first end-of-text token.
 A bundle stores each as one ``tokenizer.json`` with its padding and truncation
 already set, so the runtime needs nothing but this file.
+
+A prompt past 77 tokens is cut; :meth:`PromptTokenizer.warn_truncated` says so
+and quotes the dropped part (the reference and the runtime call it on every
+prompt and negative prompt).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -19,6 +24,10 @@ MAX_LENGTH = 77
 
 class TokenizerError(ValueError):
     """A tokenizer file that cannot be used as an SDXL prompt tokenizer."""
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt longer than the text encoders take; the message quotes the part that was dropped."""
 
 
 class PromptTokenizer:
@@ -48,6 +57,26 @@ class PromptTokenizer:
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         enc = self.tokenizer.encode_batch(list(prompts))
         return np.array([e.ids for e in enc], dtype=np.int64)
+
+    def dropped_text(self, prompt: str) -> str:
+        """The part of ``prompt`` past the token limit (cut off by truncation), or ``""``."""
+        enc = self.tokenizer.encode(prompt)
+        if not enc.overflowing:
+            return ""
+        kept = [end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask) if not special]
+        return prompt[max(kept) if kept else 0:].strip()
+
+    def warn_truncated(self, prompts: Sequence[str], what: str = "prompt") -> None:
+        """A :class:`PromptTruncatedWarning` per prompt that does not fit, quoting what is dropped (as diffusers does)."""
+        for prompt in prompts:
+            dropped = self.dropped_text(prompt)
+            if dropped:
+                warnings.warn(
+                    f"the {what} is longer than the text encoders' {self.max_length} tokens; this part was dropped: "
+                    f"{dropped!r}",
+                    PromptTruncatedWarning,
+                    stacklevel=3,
+                )
 
     def save(self, path: Union[str, Path]) -> None:
         self.tokenizer.save(str(path))

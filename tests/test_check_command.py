@@ -52,12 +52,12 @@ def test_fp16_bundle_against_fp32_bundle(fp16, fp32, tmp_path, capsys):
     assert unet["shape"] == [4, 4, 16, 16]  # default resolution 128x128, CFG, one image
 
 
-def test_strict_tolerance_fails_with_exit_status_1(fp16, fp32, capsys, tmp_path):
+def test_strict_tolerance_fails_with_its_own_exit_status(fp16, fp32, capsys, tmp_path):
     rc = main(["check", str(fp16), "--backend", "ort", "--against", "ort", "--bundle-b", str(fp32),
                "--components", "unet", "--min-cosine", "1.0", "--max-rel-l2", "1e-7",
                "--failures-dir", str(tmp_path / "fails")])
     cap = capsys.readouterr()
-    assert rc == 1
+    assert rc == 3  # TOLERANCE_FAILED; usage errors exit 1
     assert "FAIL" in cap.out and "unet.noise_pred: cosine" in cap.out and "rel_l2" in cap.out
     assert "parity check FAILED for: unet" in cap.err
 
@@ -154,7 +154,7 @@ def test_a_failing_check_writes_a_case_polygraphy_run_loads_back(fp16, fp32, tmp
     rc = main(["check", str(fp16), "--backend", "ort", "--against", "polygraphy", "--bundle-b", str(fp32),
                "--components", "unet", "--max-rel-l2", "1e-7", "--failures-dir", str(fails)])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 3  # TOLERANCE_FAILED
     inputs_file, cand_file, ref_file = (fails / f"unet.{s}.json" for s in ("inputs", "ort.outputs", "polygraphy-onnxrt.outputs"))
     assert f"unet: inputs and outputs written to {inputs_file}" in err
     assert f"--load-inputs {inputs_file} --load-outputs {ref_file}" in err
@@ -188,4 +188,4 @@ def test_no_failure_files_when_asked_or_when_passing(fp16, fp32, tmp_path, capsy
     rc = main(["check", str(fp16), "--backend", "ort", "--against", "ort", "--bundle-b", str(fp32),
                "--components", "unet", "--max-rel-l2", "1e-7", "--failures-dir", str(fails), "--no-failure-files"])
     capsys.readouterr()
-    assert rc == 1 and not fails.exists()
+    assert rc == 3 and not fails.exists()  # TOLERANCE_FAILED

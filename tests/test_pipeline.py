@@ -84,9 +84,9 @@ def test_training_mode_ignores_prompt_embeddings(pipe):
 
 def test_generation_is_deterministic_for_a_seed(pipe):
     req = lambda seed: gen.GenerationRequest("a photo of a person", faces=[face(1)], seed=seed)  # noqa: E731
-    a = pipe.generate([req(7)], settings(), progress=False).images[0]
-    b = pipe.generate([req(7)], settings(), progress=False).images[0]
-    c = pipe.generate([req(8)], settings(), progress=False).images[0]
+    a = pipe.generate([req(7)], settings(), progress=False).arrays[0]
+    b = pipe.generate([req(7)], settings(), progress=False).arrays[0]
+    c = pipe.generate([req(8)], settings(), progress=False).arrays[0]
     assert a.shape == (H, W, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert np.abs(a.astype(int) - c.astype(int)).max() > 0
@@ -96,7 +96,8 @@ def test_text_stream_image_is_returned_on_request(pipe):
     out = pipe.generate(
         [gen.GenerationRequest("a person", faces=[face(1)])], settings(return_text_stream=True), progress=False
     )
-    assert out.text_images is not None and out.text_images[0].shape == (H, W, 3)
+    assert out.text_arrays is not None and out.text_arrays[0].shape == (H, W, 3)
+    assert out.text_images[0].size == (W, H)  # PIL, as the runtime returns
     assert out.latents.shape == (2, 4, H // 8, W // 8)
 
 
@@ -107,7 +108,7 @@ def test_mixing_two_identities_doubles_the_id_tokens(pipe):
     assert uncond2.shape == two.shape and uncond1.shape == one.shape
     torch.testing.assert_close(two[: one.shape[0]], one)
     out = pipe.generate([gen.GenerationRequest("p", faces=[face(1), face(2)])], settings(), progress=False)
-    assert out.images[0].shape == (H, W, 3)
+    assert out.arrays[0].shape == (H, W, 3)
 
 
 @pytest.mark.parametrize("alpha,single", [(1.0, 1), (0.0, 2)])
@@ -120,11 +121,11 @@ def test_interpolation_endpoints_equal_the_single_identities(pipe, alpha, single
     # Equal up to float rounding: two faces go through the encoder as one batch of 2,
     # whose matmuls round differently from a batch of 1 (~5e-7 absolute).
     assert rel_err(c_blend, c_alone) < 1e-5
-    a = pipe.generate([blended], settings(), progress=False).images[0]
-    b = pipe.generate([alone], settings(), progress=False).images[0]
+    a = pipe.generate([blended], settings(), progress=False).arrays[0]
+    b = pipe.generate([alone], settings(), progress=False).arrays[0]
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     other = pipe.generate([gen.GenerationRequest("p", faces=[face(3 - single)], seed=3)], settings(), progress=False)
-    assert np.abs(a.astype(int) - other.images[0].astype(int)).max() > 1  # the identity matters
+    assert np.abs(a.astype(int) - other.arrays[0].astype(int)).max() > 1  # the identity matters
 
 
 def test_interpolation_needs_two_faces(pipe):

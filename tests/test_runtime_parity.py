@@ -65,10 +65,10 @@ def settings(**kw) -> gen.BatchSettings:
 
 
 def assert_same(ours, ref, text: bool = False) -> None:
-    assert len(ours.arrays) == len(ref.images)
-    pairs = list(zip(ours.arrays, ref.images))
+    assert len(ours.arrays) == len(ref.arrays)
+    pairs = list(zip(ours.arrays, ref.arrays))
     if text:
-        pairs += list(zip(ours.text_arrays, ref.text_images))
+        pairs += list(zip(ours.text_arrays, ref.text_arrays))
     for a, b in pairs:
         assert a.shape == b.shape and a.dtype == np.uint8
         diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).max()
@@ -210,8 +210,8 @@ def test_refusals(rt):
         rt.generate([req], settings(height=256), progress=False)
     with pytest.raises(gen.InvalidRequest, match="not a multiple of 16"):
         rt.generate([req], settings(width=72), progress=False)
-    with pytest.raises(gen.InvalidRequest, match="same number of identity tokens"):
-        rt.generate([req, gen.GenerationRequest("b", faces=[face(2), face(3)])], settings(), progress=False)
+    with pytest.raises(gen.InvalidRequest, match=r"request 2 mixes 3 faces \(63 identity tokens\); this bundle takes at most 2"):
+        rt.generate([req, gen.GenerationRequest("b", faces=[face(2), face(3), face(4)])], settings(), progress=False)
     with pytest.raises(gen.InvalidRequest, match="noise must have shape"):
         rt.generate([req], settings(), noise=np.zeros((1, 4, 4, 4), np.float32), progress=False)
     with pytest.raises(gen.InvalidRequest, match="no face model folder is known"):
@@ -235,7 +235,7 @@ def test_fp16_bundle_close_to_fp32_reference(tmp_path, rt, pipe):
     ours = rt16.generate(req, settings(), progress=False)
     ref = pipe.generate(req, settings(), progress=False)
     assert ours.latents.dtype == np.float32
-    diff = np.abs(ours.arrays[0].astype(int) - ref.images[0].astype(int)).max()
+    diff = np.abs(ours.arrays[0].astype(int) - ref.arrays[0].astype(int)).max()
     assert diff <= 8, f"fp16 bundle differs from the fp32 reference by {diff}/255"
     shutil.rmtree(tmp_path / "fp16")
 

@@ -32,7 +32,7 @@ def test_from_pretrained_reproduces_the_model(folders):
     # alignment: latents agree to float rounding, pixels within one grey level.
     la, lb = a.latents.numpy(), b.latents.numpy()
     assert np.abs(la - lb).max() / np.abs(la).max() < 1e-5
-    assert np.abs(a.images[0].astype(int) - b.images[0].astype(int)).max() <= 1
+    assert np.abs(a.arrays[0].astype(int) - b.arrays[0].astype(int)).max() <= 1
 
 
 def test_missing_folders_are_clear_errors(folders, tmp_path):

@@ -22,7 +22,7 @@ Every component runs once on both sides with the same seeded inputs (real
 prompts through the bundle's tokenizers, random embeddings, noise and latents)
 at the bundle's default resolution, or at the shapes static engines were built
 for. Per output: max/mean absolute and relative error, whole-tensor relative L2
-error and cosine similarity. Exit status 1 when any output fails the tolerance.
+error and cosine similarity.
 
 --against polygraphy runs the reference side with NVIDIA's Polygraphy (its
 TrtRunner on the same engine files when the candidate is trt, else its
@@ -31,10 +31,18 @@ with Polygraphy's Comparator, whose absolute errors must agree with ours.
 A failing component's inputs and both outputs are written to --failures-dir in
 Polygraphy's JSON formats; the command printed next to them reruns the case with
 `polygraphy run ... --load-inputs ... --load-outputs ...`.
+
+exit status:
+  0  every output within the tolerance
+  1  a usage error (bad value, missing bundle, backend that cannot run here)
+  2  a malformed command line (unknown option, missing argument)
+  3  the check ran and an output failed the tolerance (TOLERANCE_FAILED)
 """
 
 #: reference-only choices of --against besides the runtime's backends
 POLYGRAPHY = "polygraphy"
+#: exit status of a check that ran and found an output outside the tolerance (usage errors exit 1)
+TOLERANCE_FAILED = 3
 
 PROMPTS = (
     "a photo of a person",
@@ -53,7 +61,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bundle", help="bundle folder (the candidate side)")
-    p.add_argument("--backend", default="trt", help="candidate backend: trt or ort (default: trt)")
+    p.add_argument("--backend", default=None,
+                   help="candidate backend: trt or ort (default: trt where TensorRT, a GPU and engines exist, else ort)")
     p.add_argument("--against", default="ort", help="reference backend: ort, trt or polygraphy (default: ort)")
     p.add_argument("--polygraphy-runner", choices=("auto", "onnxrt", "trt"), default="auto",
                    help="with --against polygraphy: its TensorRT or onnxruntime runner (default: trt when the "
@@ -150,11 +159,11 @@ def run(args) -> int:
     from ..cli import UserError
     from ..compare import Tolerance, compare_outputs, format_table, reports_to_json
     from ..contract import COMPONENTS
-    from ..runtime.backend import BACKENDS, make_backend
+    from ..runtime.backend import BACKENDS, default_backend, make_backend
     from ..runtime.loader import Bundle
     from ..trt.names import write_atomic
 
-    if args.backend not in BACKENDS:
+    if args.backend is not None and args.backend not in BACKENDS:
         raise UserError(f"unknown backend {args.backend!r}; choose from {', '.join(BACKENDS)}")
     if args.against not in BACKENDS and args.against != POLYGRAPHY:
         raise UserError(f"unknown backend {args.against!r}; choose from {', '.join([*BACKENDS, POLYGRAPHY])}")
@@ -163,9 +172,13 @@ def run(args) -> int:
     if bad:
         raise UserError(f"unknown component(s) {', '.join(bad)}; choose from {', '.join(COMPONENTS)}")
     same_bundle = args.bundle_b is None or Path(args.bundle_b).resolve() == Path(args.bundle).resolve()
+    chosen = args.backend is None
+    if chosen:
+        args.backend = default_backend(Bundle.load(args.bundle))
     if args.backend == args.against and same_bundle:
-        raise UserError(f"comparing backend {args.backend!r} with itself on one bundle shows nothing; "
-                        "choose another --against or give a second bundle with --bundle-b")
+        why = " (the default here: no GPU with TensorRT and engines)" if chosen and args.backend == "ort" else ""
+        raise UserError(f"comparing backend {args.backend!r}{why} with itself on one bundle shows nothing; "
+                        "choose another --backend/--against or give a second bundle with --bundle-b")
     if args.images < 1:
         raise UserError(f"--images must be a positive integer, got {args.images}")
     tol = Tolerance(min_cosine=args.min_cosine, max_rel_l2=args.max_rel_l2, max_abs=args.max_abs)
@@ -261,7 +274,7 @@ def run(args) -> int:
     failed = [r.component for r in reports if not r.passed]
     if failed:
         print(f"parity check FAILED for: {', '.join(failed)}", file=sys.stderr)
-        return 1
+        return TOLERANCE_FAILED
     print("parity check passed")
     return 0
 

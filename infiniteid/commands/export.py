@@ -246,23 +246,41 @@ def _base_resolution(base: Path) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export.bundle_writer import check_output_folder
+    # Everything cheap first, before PyTorch is imported or weights are loaded:
+    # options, sources, the output folder and its lock.
+    from ..export.output_folder import check_output_folder, output_lock, sigterm_as_interrupt
 
     opts = options_from_args(args)
     _check_sources(args)
     loras = lora_specs(args.lora)
     out = Path(args.out).expanduser().absolute()
-    check_output_folder(out, args.overwrite)  # before minutes of loading
+    check_output_folder(out, args.overwrite)
+    if args.height or args.width or args.min_resolution or args.max_resolution:  # an illegal size before any model
+        if args.tiny:
+            from ..model.tiny_geometry import RESOLUTION
 
+            opts.resolve(*RESOLUTION)
+        else:
+            opts.resolve(*_base_resolution(Path(args.base).expanduser()))
+    with sigterm_as_interrupt(), output_lock(out):  # creates missing parent folders
+        manifest = _export(args, opts, out, loras)
+    total = sum(c.size + c.external_size for c in manifest.components.values())
+    print(
+        f"wrote {out} ({len(manifest.components)} graphs, {total / 2**20:.1f} MiB, "
+        f"precision {opts.precision}, VAE {opts.vae_precision}, "
+        f"{manifest.resolution['min']}..{manifest.resolution['max']} px in steps of {manifest.resolution['multiple']}, "
+        f"up to {manifest.max_images} images per batch)"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace, opts: Any, out: Path, loras: list) -> Any:
     from ..export import export_bundle
     from ..model.pipeline import InfiniteIDPipeline
 
     if args.tiny:
         pipeline = InfiniteIDPipeline.tiny(args.seed)
     else:
-        # Refuse an illegal resolution before loading gigabytes of weights.
-        if args.height or args.width or args.min_resolution or args.max_resolution:
-            opts.resolve(*_base_resolution(Path(args.base).expanduser()))
         from ..model.adapter import AdapterError
         from ..model.loading import WeightsError
 
@@ -273,14 +291,6 @@ def run(args: argparse.Namespace) -> int:
     fuse(pipeline.c, loras)
     if opts.scheduler_override:
         check_scheduler({**pipeline.c.scheduler_config, **opts.scheduler_override})
-    manifest = export_bundle(
+    return export_bundle(
         pipeline, out, opts, overwrite=args.overwrite, progress=not args.no_progress, face_models=args.face_models
     )
-    total = sum(c.size + c.external_size for c in manifest.components.values())
-    print(
-        f"wrote {out} ({len(manifest.components)} graphs, {total / 2**20:.1f} MiB, "
-        f"precision {opts.precision}, VAE {opts.vae_precision}, "
-        f"{manifest.resolution['min']}..{manifest.resolution['max']} px in steps of {manifest.resolution['multiple']}, "
-        f"up to {manifest.max_images} images per batch)"
-    )
-    return 0

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 EPILOG = """\
 examples:
@@ -110,23 +111,35 @@ def versions() -> Dict[str, str]:
         m = sys.modules.get(mod)
         if m is not None and hasattr(m, "__version__"):
             out[mod] = str(m.__version__)
-    try:
-        from importlib.metadata import version
+    from .. import __version__
 
-        out["infiniteid-rt"] = version("infiniteid-rt")
-    except Exception:  # not installed as a distribution (run from a checkout)
-        pass
+    out["infiniteid-rt"] = __version__
     return out
 
 
+def absolute(path: Any) -> str:
+    """A path as the sidecars record it: absolute (relative paths mean nothing once the file is moved)."""
+    return str(Path(path).expanduser().absolute())
+
+
 def arguments(args: argparse.Namespace) -> Dict[str, Any]:
-    """The command's parsed arguments, JSON-friendly."""
+    """The command's parsed arguments, JSON-friendly; paths absolute."""
     out: Dict[str, Any] = {}
     for k, v in vars(args).items():
         if k in ("run", "command"):
             continue
-        out[k] = [str(x) for x in v] if isinstance(v, list) else (str(v) if isinstance(v, Path) else v)
+        if isinstance(v, list):
+            out[k] = [absolute(x) if isinstance(x, Path) else str(x) for x in v]
+        else:
+            out[k] = absolute(v) if isinstance(v, Path) else v
     return out
+
+
+def face_files(paths: Any) -> List[Dict[str, str]]:
+    """Each face image by absolute path and sha256, so a sidecar says exactly which photo was used."""
+    from ..bundle import file_digest
+
+    return [{"path": absolute(p), "sha256": file_digest(Path(p))} for p in paths]
 
 
 def write_sidecar(png: Path, record: Dict[str, Any]) -> Path:
@@ -146,12 +159,34 @@ def save_png(image: Any, path: Path) -> None:
 
 
 def _check_out(path: Path, what: str) -> None:
+    """Refuse, before any work, an output that could not be written after it."""
     from ..cli import UserError
 
     if path.suffix.lower() != ".png":
         raise UserError(f"{what} must be a .png file, got {path}")
     if path.exists() and path.is_dir():
         raise UserError(f"{what} {path} is a folder")
+    folder = path.parent  # created when the image is written: its nearest existing ancestor must take it
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{what} {path} cannot be written: {folder} is a file, not a folder")
+    for target in (path, path.with_suffix(".json")):
+        if target.exists() and not os.access(target, os.W_OK):
+            raise UserError(f"{what} {path} cannot be written: {target} is read-only")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be written: no permission to write in {folder}")
+
+
+def check_outputs(out: Path, text_out: Optional[Path]) -> None:
+    """``--out`` (and ``--text-stream-out``) writable, and not the same file."""
+    from ..cli import UserError
+
+    _check_out(out, "--out")
+    if text_out is not None:
+        _check_out(text_out, "--text-stream-out")
+        if text_out.expanduser().absolute().resolve() == out.expanduser().absolute().resolve():
+            raise UserError("--text-stream-out must differ from --out (one image would overwrite the other)")
 
 
 # -- the command -------------------------------------------------------------------
@@ -159,10 +194,10 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import UserError
     from .. import generation as gen
 
-    _check_out(args.out, "--out")
-    if args.text_stream_out is not None:
-        _check_out(args.text_stream_out, "--text-stream-out")
+    check_outputs(args.out, args.text_stream_out)
     for f in args.face:
+        if f.is_dir():
+            raise UserError(f"--face {f} is a folder; give an image file (a photo of the face)")
         if not f.is_file():
             raise UserError(f"face image not found: {f}")
     if len(args.face) > 1 and len(set(map(str, args.face))) != len(args.face):
@@ -172,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
 
     request = gen.GenerationRequest(
         prompt=args.prompt,
-        faces=[str(f) for f in args.face],
+        faces=[absolute(f) for f in args.face],
         negative_prompt=args.negative_prompt,
         id_scale=gen.DEFAULT_ID_SCALE if args.id_scale is None else args.id_scale,
         guidance=gen.DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
@@ -228,6 +263,9 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
     bundle = Bundle.load(args.bundle)
     if args.verify_hashes:  # opt-in: one read of every file; the cost is printed
         print(bundle.verify_hashes(progress=not args.no_progress), file=sys.stderr)
+    if args.face_models is None and bundle.face_models_folder() is None:
+        raise UserError("no face model folder is known (the bundle references none): pass --face-models DIR, "
+                        "an insightface folder with a detector and ArcFace, such as antelopev2")
     rt = Runtime(bundle, backend=args.backend, face_models=args.face_models, **opts)
     try:
         settings = _settings(args, rt.default_height, rt.default_width)
@@ -242,7 +280,7 @@ def _run_bundle(args: argparse.Namespace, request) -> int:
         "engine": "runtime",
         "bundle": str(Path(args.bundle).resolve()),
         "backend": backend_info,
-        "face_models": str(rt.face.folder),
+        "face_models": absolute(rt.face.folder),
         "seconds": round(seconds, 3),
         "timings": {k: round(v, 3) for k, v in out.timings.items()},
     })
@@ -281,10 +319,10 @@ def _run_reference(args: argparse.Namespace, request) -> int:
     seconds = time.perf_counter() - t0
     return _write(args, request, settings, out.images[0], out.text_images[0] if out.text_images else None, {
         "engine": "pytorch-reference",
-        "base": str(args.base),
-        "image_encoder": str(args.image_encoder),
-        "adapter": str(args.adapter),
-        "face_models": str(args.face_models),
+        "base": absolute(args.base),
+        "image_encoder": absolute(args.image_encoder),
+        "adapter": absolute(args.adapter),
+        "face_models": absolute(args.face_models),
         "loras": [r.to_dict() for r in components.loras],
         "scheduler_override": override,
         "device": device,
@@ -297,12 +335,13 @@ def _write(args, request, settings, image, text_image, source: Dict[str, Any]) -
     from .. import generation as gen
 
     save_png(image, args.out)
-    outputs: Dict[str, Optional[str]] = {"image": str(args.out)}
+    outputs: Dict[str, Optional[str]] = {"image": absolute(args.out)}
     if text_image is not None:
         save_png(text_image, args.text_stream_out)
-        outputs["text_stream"] = str(args.text_stream_out)
+        outputs["text_stream"] = absolute(args.text_stream_out)
     record = {
         "request": gen.describe(request),
+        "faces": face_files(request.faces),
         "settings": settings.to_dict(),
         "source": source,
         "outputs": outputs,
@@ -310,5 +349,7 @@ def _write(args, request, settings, image, text_image, source: Dict[str, Any]) -
         "arguments": arguments(args),
     }
     side = write_sidecar(args.out, record)
-    print(f"wrote {args.out} ({settings.width}x{settings.height}, {settings.steps} steps) and {side}")
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in source.get("timings", {}).items())
+    print(f"wrote {args.out} ({settings.width}x{settings.height}, {settings.steps} steps, {source['seconds']:.2f} s"
+          + (f": {stages}" if stages else "") + f") and {side}")
     return 0

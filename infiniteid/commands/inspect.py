@@ -1,14 +1,15 @@
 """``infiniteid inspect BUNDLE``: what a bundle holds, as tables.
 
 Reads only the manifest and the file sizes (nothing is loaded into a backend), so
-it also shows a bundle whose files are incomplete: missing files are marked.
+it also shows a bundle whose files are incomplete: missing files, and files whose size
+differs from the manifest's record (truncated or replaced), are marked and listed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Iterable, List, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 EPILOG = """\
 examples:
@@ -53,18 +54,28 @@ def _dims(xs: Sequence[Any]) -> str:
     return "(" + ", ".join(str(x) for x in xs) + ")"
 
 
-def _file_size(path: Path) -> str:
-    return human_size(path.stat().st_size) if path.is_file() else "MISSING"
-
-
-def _bundle_file_size(bundle: Path, rel: Any, key: str) -> str:
-    """Size of a file the manifest names, or why it is refused (a path leading outside the bundle)."""
+def _file_size(bundle: Path, rel: str, key: str, recorded: int = 0, differ: Optional[List[str]] = None) -> str:
+    """The size of ``bundle/rel``; ``REFUSED`` when the path leads outside the bundle, ``MISSING``, or
+    ``SIZE DIFFERS`` from the manifest's ``recorded`` bytes (0: not recorded); a refused, missing or
+    differing file is appended to ``differ``."""
     from ..bundle import BundleError, inside_bundle
 
     try:
-        return _file_size(inside_bundle(bundle, rel, key))
+        path = inside_bundle(bundle, rel, key)
     except BundleError:
+        if differ is not None:
+            differ.append(f"{rel} (outside the bundle: refused)")
         return "REFUSED (outside the bundle)"
+    if not path.is_file():
+        if differ is not None:
+            differ.append(f"{rel} (missing)")
+        return "MISSING"
+    size = path.stat().st_size
+    if recorded and size != recorded:
+        if differ is not None:
+            differ.append(f"{rel} ({size} bytes, manifest {recorded})")
+        return f"{human_size(size)} SIZE DIFFERS (manifest {human_size(recorded)})"
+    return human_size(size)
 
 
 def _face_models_line(fm: Any) -> str:
@@ -124,10 +135,11 @@ def render(bundle: Path, manifest: Any) -> str:
     parts.append(f"face models {_face_models_line(m.face_models)}")
 
     comp_rows = []
+    differ: List[str] = []
     for name, c in m.components.items():
-        size = _bundle_file_size(bundle, c.file, f"components.{name}.file")
+        size = _file_size(bundle, c.file, f"components.{name}.file", c.size, differ)
         if c.external_data:
-            size += f" + {_bundle_file_size(bundle, c.external_data, f'components.{name}.external_data')} external"
+            size += f" + {_file_size(bundle, c.external_data, f'components.{name}.external_data', c.external_size, differ)} external"
         opts = ", ".join(f"{k}={v}" for k, v in sorted(c.options.items()) if not isinstance(v, (dict, list)))
         comp_rows.append([name, c.precision, c.file, size, c.sha256[:12], opts])
     parts += ["", "components", table(["name", "precision", "file", "size", "sha256", "options"], comp_rows)]
@@ -139,7 +151,7 @@ def render(bundle: Path, manifest: Any) -> str:
                 t_rows.append([name, kind, t.name, t.dtype, _dims(t.shape), _dims(t.min), _dims(t.opt), _dims(t.max)])
     parts += ["", "tensors", table(["component", "io", "name", "dtype", "shape", "min", "opt", "max"], t_rows)]
 
-    other = [[rel, _bundle_file_size(bundle, rel, f"tokenizers[{i}]")] for i, rel in enumerate(m.tokenizers)]
+    other = [[rel, _file_size(bundle, rel, f"tokenizers[{i}]", 0, differ)] for i, rel in enumerate(m.tokenizers)]
     parts += ["", "files", table(["file", "size"], other)]
 
     sched = ", ".join(f"{k}={v}" for k, v in sorted(m.scheduler_config.items()) if not k.startswith("_"))
@@ -160,6 +172,9 @@ def render(bundle: Path, manifest: Any) -> str:
         parts += ["engines", table(["folder", "plan", "size", "precision", "tensorrt", "built"], engine_rows)]
     else:
         parts.append("engines    none (build them on the target GPU with 'infiniteid build')")
+    if differ:
+        parts += ["", f"WARNING    {len(differ)} file(s) missing or not as the manifest records (truncated or replaced "
+                      f"after export; the runtime refuses this bundle): {', '.join(differ)}"]
     return "\n".join(parts)
 
 

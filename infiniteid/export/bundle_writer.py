@@ -9,17 +9,16 @@ written into it; only then is it renamed to the output name. So:
   killed) has no manifest, so :func:`~infiniteid.bundle.read_manifest` refuses it;
 * an existing output folder is refused unless ``overwrite``; even then only a
   folder that is a bundle (or empty) is replaced, never an arbitrary directory;
+* one export per output folder at a time (a lock beside it), and staging folders
+  that killed exports of the same output left behind are removed
+  (:mod:`.output_folder`, torch-free, so the command checks all this first);
 * temporary files of the libraries involved (onnxslim, onnx) go into the
   temporary sibling too: nothing is written outside the output folder.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import platform
-import shutil
-import tempfile
-import uuid
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..bundle import (MANIFEST, ONNX_DIR, TOKENIZER_FILES, BundleError, Manifest
 from .model_info import ModelInfo
 from .onnx_graph import export_component
 from .options import ExportOptions
+from .output_folder import check_output_folder, output_lock, staging
 
 # Weight and config files a diffusers / transformers folder is loaded from; variant
 # copies (``*.fp16.safetensors``) and single-file checkpoints are not read by the loader.
@@ -63,7 +63,7 @@ def export_bundle(
     check_output_folder(out, overwrite)
     faces = face_models_record(face_models) if face_models is not None else None
 
-    with _staging(out, overwrite) as tmp:
+    with output_lock(out), staging(out, overwrite) as tmp:
         (tmp / ONNX_DIR).mkdir()
         components = {}
         bar = tqdm(C.COMPONENTS, desc="exporting", unit="graph", disable=not progress)
@@ -114,64 +114,6 @@ def export_tiny_bundle(
     return export_bundle(
         InfiniteIDPipeline.tiny(seed), out, options, overwrite=overwrite, progress=progress, face_models=face_models
     )
-
-
-# -- the output folder -------------------------------------------------------------
-def _is_replaceable(folder: Path) -> bool:
-    return folder.is_dir() and (not any(folder.iterdir()) or (folder / MANIFEST).is_file())
-
-
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """Refuse an output folder that exists (unless ``overwrite`` and it is a bundle or empty)."""
-    if not out.exists():
-        if not out.parent.is_dir():
-            raise BundleError(f"{out.parent}: the output's parent folder does not exist")
-        return
-    if not overwrite:
-        raise BundleError(f"{out}: already exists; choose another output folder or pass --overwrite (overwrite=True)")
-    if not _is_replaceable(out):
-        raise BundleError(
-            f"{out}: exists and is not a bundle (no {MANIFEST}); refusing to replace it even with --overwrite"
-        )
-
-
-@contextlib.contextmanager
-def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of ``out``; renamed to ``out`` when the block succeeds, removed if not."""
-    tag = uuid.uuid4().hex[:8]
-    tmp = out.with_name(f".{out.name}.partial-{tag}")
-    tmp.mkdir()
-    try:
-        with _tempdir_inside(tmp / ".scratch"):
-            yield tmp
-        shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-        if out.exists():
-            check_output_folder(out, overwrite)  # it may have appeared meanwhile
-            old = out.with_name(f".{out.name}.replaced-{tag}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def _tempdir_inside(folder: Path) -> Iterator[None]:
-    """Point Python's temporary folder into ``folder`` while exporting.
-
-    Libraries (onnxslim's shape inference of graphs past 2 GB, onnx) create
-    temporary files; this keeps them inside the bundle's staging folder.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = tempfile.tempdir
-    tempfile.tempdir = str(folder)
-    try:
-        yield
-    finally:
-        tempfile.tempdir = saved
 
 
 # -- manifest sections ------------------------------------------------------------

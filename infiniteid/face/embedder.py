@@ -47,7 +47,8 @@ class FaceSettings:
     letterboxed into it, so faces smaller than about 1/40 of it are missed.
     ``det_thresh`` is the minimum detection score. ``clip_crop_size`` is the
     side of the aligned crop handed to CLIP. ``providers`` are onnxruntime
-    execution providers (``None``: CUDA when available, then CPU).
+    execution providers (``None``: CUDA then CPU where a GPU is present, else
+    the CPU only; :mod:`infiniteid.devices`).
     """
 
     det_size: Tuple[int, int] = (640, 640)

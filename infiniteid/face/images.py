@@ -6,7 +6,8 @@ the conversion to BGR happens right before insightface is called, and every
 image handed back to callers is RGB again.
 
 Only uint8 arrays are accepted: a float array could mean [0, 1] or [0, 255]
-and guessing wrong silently ruins the embedding.
+and guessing wrong silently ruins the embedding. 16-bit greyscale images (PNG)
+are scaled from 0..65535 to 0..255 (Pillow's own conversion would clip them to white).
 """
 from __future__ import annotations
 
@@ -101,8 +102,17 @@ def _read_file(path: Path) -> np.ndarray:
         raise FaceImageError(f"cannot read {path}: the file is damaged or truncated ({exc})") from None
 
 
+#: Pillow modes of 16-bit greyscale images (16-bit PNGs open as ``I;16``; older Pillow and
+#: TIFF readers give 32-bit ``I`` with the same 0..65535 values).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def _from_pil(im) -> np.ndarray:
     try:
+        if im.mode in _SIXTEEN_BIT_MODES:
+            # Pillow's convert("RGB") clips these to 255 (a white image); scale 0..65535 to 0..255 instead.
+            grey = np.asarray(im, dtype=np.float64)
+            return _from_array(np.clip(np.round(grey / 257.0), 0, 255).astype(np.uint8))
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as exc:
         raise FaceImageError(f"cannot decode the PIL image ({exc})") from None

@@ -130,17 +130,18 @@ def check_model_folder(folder) -> ModelFolder:
 
 
 def default_providers() -> List[str]:
-    """CUDA then CPU when this onnxruntime build has the CUDA provider, else CPU.
+    """CUDA then CPU where this onnxruntime build has the CUDA provider *and* a GPU is present, else CPU.
 
-    onnxruntime-gpu lists CUDA even on a machine without a GPU; it then logs
-    that the provider failed to load and runs on the CPU. Pass
-    ``providers=["CPUExecutionProvider"]`` to skip the attempt.
+    onnxruntime-gpu lists CUDA even on a machine without a GPU, and a session asked
+    for it there prints red provider-load errors before falling back to the CPU;
+    so the choice is :func:`infiniteid.devices.usable_providers`'s, as the
+    runtime's onnxruntime backend makes it.
     """
     import onnxruntime
 
-    available = onnxruntime.get_available_providers()
-    chosen = [p for p in ("CUDAExecutionProvider",) if p in available]
-    return chosen + ["CPUExecutionProvider"]
+    from ..devices import usable_providers
+
+    return usable_providers(onnxruntime.get_available_providers())
 
 
 def _refuse(*args, **kwargs):

@@ -63,9 +63,24 @@ class FaceInput:
 
 @dataclass
 class GenerationOutput:
-    images: List[np.ndarray]  # uint8 (H, W, 3) per request, ID stream
-    text_images: Optional[List[np.ndarray]] = None  # the text stream, when asked for
-    latents: Optional[torch.Tensor] = None  # final [text; id] latents
+    """One batch's results, in request order; the same fields as the runtime's ``RuntimeOutput``.
+
+    ``images``: the ID stream as PIL images; ``arrays``: the same as uint8 ``(H, W, 3)``;
+    ``text_images``/``text_arrays``: the text stream, when asked for; ``latents``: final
+    ``[text; id]`` latents.
+    """
+
+    images: List[Any]
+    arrays: List[np.ndarray]
+    text_images: Optional[List[Any]] = None
+    text_arrays: Optional[List[np.ndarray]] = None
+    latents: Optional[torch.Tensor] = None
+
+
+def _to_pil(arrays: Sequence[np.ndarray]) -> List[Any]:
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in arrays]
 
 
 class InfiniteIDPipeline:
@@ -83,6 +98,8 @@ class InfiniteIDPipeline:
         if not any(type(p).__name__ == "MixedSelfAttnProcessor" for p in c.unet.attn_processors.values()):
             install_processors(c.unet)
         self.resolution_multiple = gen.resolution_multiple(len(c.unet.config.down_block_types))
+        # The U-Net's native size (1024 for SDXL, 128 for the tiny model): the default height and width.
+        self.default_height = self.default_width = int(c.unet.config.sample_size) * gen.VAE_SCALE_FACTOR
 
     # -- loading --------------------------------------------------------------
     @classmethod
@@ -114,6 +131,7 @@ class InfiniteIDPipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (embeds ``(N, 77, C)``, pooled ``(N, P)``): both encoders' penultimate
         hidden states side by side, and the second encoder's projected pooled output."""
+        self.c.tokenizer.warn_truncated(list(prompts))
         ids1 = torch.from_numpy(self.c.tokenizer(prompts)).to(self.device)
         ids2 = torch.from_numpy(self.c.tokenizer_2(prompts)).to(self.device)
         h1 = self.c.text_encoder(ids1, output_hidden_states=True).hidden_states[-2]
@@ -167,7 +185,7 @@ class InfiniteIDPipeline:
         ``(N, 4, H/8, W/8)``; by default each request's seed draws its own."""
         if not requests:
             raise gen.InvalidRequest("no requests to generate")
-        settings = settings or gen.BatchSettings()
+        settings = settings or gen.BatchSettings(height=self.default_height, width=self.default_width)
         settings.validate(self.resolution_multiple)
         for r in requests:
             r.validate()
@@ -177,6 +195,11 @@ class InfiniteIDPipeline:
             noise = np.stack([gen.initial_noise(r.seed, h, w) for r in requests])
         if tuple(noise.shape) != gen.latent_shape(len(requests), h, w):
             raise gen.InvalidRequest(f"noise must have shape {gen.latent_shape(len(requests), h, w)}, got {noise.shape}")
+        groups = gen.identity_groups(requests)
+        if len(groups) > 1:  # different ID-token counts cannot share a U-Net call: one sub-batch per count
+            noise = np.asarray(noise)
+            parts = [self.generate([requests[i] for i in g], settings, noise[g], progress) for g in groups]
+            return gen.merge_outputs(groups, parts)
 
         cond = self.conditioning(requests, settings)
         scheduler = make_torch_scheduler(settings.scheduler, self.c.scheduler_config)
@@ -197,9 +220,15 @@ class InfiniteIDPipeline:
             latents = scheduler.step(guide(eps, layout, guidance), t, latents).prev_sample
 
         text_latents, id_latents = split_streams(latents)
-        images = self.decode(id_latents)
-        text_images = self.decode(text_latents) if settings.return_text_stream else None
-        return GenerationOutput(images=images, text_images=text_images, latents=latents)
+        arrays = self.decode(id_latents)
+        text_arrays = self.decode(text_latents) if settings.return_text_stream else None
+        return GenerationOutput(
+            images=_to_pil(arrays),
+            arrays=arrays,
+            text_images=_to_pil(text_arrays) if text_arrays is not None else None,
+            text_arrays=text_arrays,
+            latents=latents,
+        )
 
     def conditioning(self, requests, settings: gen.BatchSettings) -> dict:
         """U-Net inputs that stay fixed over the steps (assembled by :func:`gen.unet_conditioning`)."""
@@ -238,6 +267,8 @@ class InfiniteIDPipeline:
         req = gen.GenerationRequest(prompt=prompt, faces=faces, **{k: kwargs.pop(k) for k in list(kwargs) if k in req_keys})
         noise = kwargs.pop("noise", None)
         progress = kwargs.pop("progress", True)
+        kwargs.setdefault("height", self.default_height)
+        kwargs.setdefault("width", self.default_width)
         return self.generate([req], gen.BatchSettings(**kwargs), noise=noise, progress=progress)
 
 

@@ -17,6 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..tokenize import PromptTokenizer, configure_padding
 from .id_encoder import IDEncoder, IDEncoderConfig, build_mapper
+from .tiny_geometry import UNET_DOWN_BLOCKS, UNET_SAMPLE_SIZE
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -114,12 +115,12 @@ def tiny_text_encoders(sizes: TinySizes, tokenizer: PromptTokenizer):
 def tiny_unet(sizes: TinySizes) -> UNet2DConditionModel:
     """SDXL-shaped: 2 levels, cross-attention on the lower one, ``text_time`` conditioning."""
     return UNet2DConditionModel(
-        sample_size=16,
+        sample_size=UNET_SAMPLE_SIZE,
         in_channels=4,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        down_block_types=UNET_DOWN_BLOCKS,
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 2),

@@ -55,6 +55,21 @@ class DeviceLoop(Protocol):
         ...
 
 
+def default_backend(bundle: Any = None) -> str:
+    """The backend this machine can run: ``"trt"`` where TensorRT is installed, a CUDA device is
+    present and (given a loaded ``bundle``) the bundle has engines; ``"ort"`` otherwise."""
+    import importlib.util
+
+    from .ort_backend import cuda_device_count
+
+    has_trt = any(importlib.util.find_spec(m) is not None for m in ("tensorrt", "tensorrt_lean"))
+    if not has_trt or cuda_device_count() == 0:
+        return "ort"
+    if bundle is not None and not bundle.engine_dirs():
+        return "ort"
+    return "trt"
+
+
 def make_backend(name: str, bundle: Any, **options: Any) -> Backend:
     """Instantiate backend ``name`` for a loaded bundle; unknown names are a clear error."""
     if name not in BACKENDS:

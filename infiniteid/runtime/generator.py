@@ -32,13 +32,14 @@ import numpy as np
 
 from .. import generation as gen
 from ..bundle import BundleError
-from ..contract import ID_ENCODER, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER
+from ..contract import ID_ENCODER, TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER
 from ..imageproc import ClipImageConfig, clip_pixels
 from ..layout import BatchLayout, split_streams
 from ..tokenize import MAX_LENGTH, PromptTokenizer
 from .backend import Backend, DeviceLoop, make_backend
 from .loader import Bundle
 from .loop import LoopInputs, host_loop
+from .ranges import check_feeds, identity_token_limit
 
 
 @dataclass
@@ -195,12 +196,18 @@ class Runtime:
 
         return default_providers(ort.get_available_providers())
 
+    def _run(self, component: str, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """``backend.run`` after checking the feeds against the bundle's shape ranges (every backend alike)."""
+        check_feeds(self.bundle.component(component), feeds)
+        return self.backend.run(component, feeds)
+
     # -- encoders ------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
         """Prompts -> (embeds ``(N, 77, C)``, pooled ``(N, P)``), as the reference computes them."""
         prompts = list(prompts)
-        h1 = self.backend.run(TEXT_ENCODER, {"input_ids": self.tokenizer(prompts)})["hidden_states"]
-        out2 = self.backend.run(TEXT_ENCODER_2, {"input_ids": self.tokenizer_2(prompts)})
+        self.tokenizer.warn_truncated(prompts)
+        h1 = self._run(TEXT_ENCODER, {"input_ids": self.tokenizer(prompts)})["hidden_states"]
+        out2 = self._run(TEXT_ENCODER_2, {"input_ids": self.tokenizer_2(prompts)})
         return np.concatenate([h1, out2["hidden_states"]], axis=-1), out2["text_embeds"]
 
     def encode_negative(self, negatives: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
@@ -224,7 +231,7 @@ class Runtime:
         inputs = [self.face_input(f) for f in faces]
         emb = np.stack([i.embedding for i in inputs]).astype(np.float32)
         pix = np.stack([clip_pixels(i.crop, self.clip_image) for i in inputs])
-        return self.backend.run(ID_ENCODER, {"face_embeds": emb, "clip_pixels": pix})["id_embeds"]
+        return self._run(ID_ENCODER, {"face_embeds": emb, "clip_pixels": pix})["id_embeds"]
 
     def unconditional_identity(self) -> np.ndarray:
         """The unconditional ``c_id`` ``(T_id, C)``: the ID encoder on a zero embedding and zero
@@ -237,7 +244,7 @@ class Runtime:
                 "face_embeds": np.zeros((1, int(emb_dim)), dtype=np.float32),
                 "clip_pixels": np.zeros((1, 3, size, size), dtype=np.float32),
             }
-            self._uncond_id = self.backend.run(ID_ENCODER, feeds)["id_embeds"][0]
+            self._uncond_id = self._run(ID_ENCODER, feeds)["id_embeds"][0]
         return self._uncond_id
 
     def identity_tokens(self, request: gen.GenerationRequest) -> Tuple[np.ndarray, np.ndarray]:
@@ -252,8 +259,16 @@ class Runtime:
             raise gen.InvalidRequest("no requests to generate")
         settings.validate(self.resolution_multiple)
         gen.check_resolution(settings.height, settings.width, self.resolution_multiple, self.min_size, self.max_size)
-        for r in requests:
+        one, most = identity_token_limit(self.bundle.component(UNET), self.bundle.model.get("id_tokens"))
+        for k, r in enumerate(requests):
             r.validate()
+            tokens = one * gen.identity_count(r)
+            if tokens > most:
+                raise gen.InvalidRequest(
+                    f"request {k + 1} mixes {len(r.faces)} faces ({tokens} identity tokens); this bundle takes at most "
+                    f"{most // one} faces per request ({most} tokens): pass fewer faces or re-export with "
+                    f"--max-identities {len(r.faces)}"
+                )
         max_images = self.bundle.manifest.max_images
         if len(requests) > max_images:
             raise gen.InvalidRequest(
@@ -304,16 +319,25 @@ class Runtime:
         settings = settings or gen.BatchSettings(height=self.default_height, width=self.default_width)
         self.check(requests, settings)
         h, w = settings.height, settings.width
-        layout = BatchLayout(images=len(requests), cfg=settings.cfg)
         if noise is None:
             noise = np.stack([gen.initial_noise(r.seed, h, w) for r in requests])
         noise = np.asarray(noise, dtype=np.float32)
         if tuple(noise.shape) != gen.latent_shape(len(requests), h, w):
             raise gen.InvalidRequest(f"noise must have shape {gen.latent_shape(len(requests), h, w)}, got {noise.shape}")
+        groups = gen.identity_groups(requests)
+        if len(groups) > 1:  # different ID-token counts cannot share a U-Net call: one sub-batch per count
+            parts = [
+                self.generate([requests[i] for i in g], settings, noise[g], progress,
+                              None if identities is None else [identities[i] for i in g])
+                for g in groups
+            ]
+            return gen.merge_outputs(groups, parts)
+        layout = BatchLayout(images=len(requests), cfg=settings.cfg)
 
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
         feeds = self.conditioning(requests, settings, identities)
+        check_feeds(self.bundle.component(UNET), feeds)
         timings["encode"] = time.perf_counter() - t0
 
         scheduler = make_scheduler(settings.scheduler, self.bundle.manifest.scheduler_config)
@@ -359,7 +383,7 @@ class Runtime:
         x = np.asarray(latents, dtype=np.float32)
         if not self.bundle.component(VAE_DECODER).options.get("scaling_in_graph", False):
             x = x / np.float32(self.vae_scaling_factor)
-        images = self.backend.run(VAE_DECODER, {"latent": x})["images"]
+        images = self._run(VAE_DECODER, {"latent": x})["images"]
         return list(gen.to_uint8(images))
 
     @property

@@ -20,7 +20,6 @@ needs the text encoders does not pay for loading the U-Net.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -28,11 +27,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..bundle import BundleError, ComponentSpec
+from ..devices import CPU, CUDA, cuda_device_count, usable_providers  # noqa: F401 (re-exported)
 from .backend import BackendError, Feeds, Outputs
 from .loader import Bundle
-
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -45,28 +42,9 @@ _ORT_DTYPES = {
 _FLOATS = (np.float16, np.float32, np.float64)
 
 
-def cuda_device_count() -> int:
-    """CUDA devices visible through the driver API (0 without a driver); torch-free."""
-    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        count = ctypes.c_int(0)
-        try:
-            if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-                return 0
-        except AttributeError:
-            return 0
-        return int(count.value)
-    return 0
-
-
 def default_providers(available: Sequence[str]) -> List[str]:
-    """CUDA then CPU where a GPU and the CUDA provider exist, else CPU."""
-    if CUDA in available and cuda_device_count() > 0:
-        return [CUDA, CPU]
-    return [CPU]
+    """CUDA then CPU where a GPU and the CUDA provider exist, else CPU (:mod:`infiniteid.devices`)."""
+    return usable_providers(available)
 
 
 def default_intra_op_threads() -> int:
