@@ -129,7 +129,7 @@ def run_ours(world, adapter, **settings):
     req = gen.GenerationRequest(PROMPT, faces=[world["face"]], guidance=GUIDANCE, seed=3)
     s = gen.BatchSettings(height=H, width=W, steps=STEPS, scheduler="ddim", **settings)
     out = pipe.generate([req], s, noise=world["noise"], progress=False)
-    return out.latents[1:].numpy(), out.images[0], pipe
+    return out.latents[1:].numpy(), out.arrays[0], pipe
 
 
 @pytest.mark.parametrize("kind", KINDS)
