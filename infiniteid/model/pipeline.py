@@ -70,7 +70,13 @@ class GenerationOutput:
 class InfiniteIDPipeline:
     """Two-stream SDXL with Infinite-ID's processors. See the module docstring."""
 
-    def __init__(self, components: Components, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        components: Components,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+        compile: Union[bool, str, dict] = False,
+    ):
         self.c = components
         self.device = torch.device(device)
         self.dtype = dtype
@@ -82,6 +88,21 @@ class InfiniteIDPipeline:
         if not any(type(p).__name__ == "MixedSelfAttnProcessor" for p in c.unet.attn_processors.values()):
             install_processors(c.unet)
         self.resolution_multiple = gen.resolution_multiple(len(c.unet.config.down_block_types))
+        if compile:
+            kwargs = compile if isinstance(compile, dict) else {"mode": None if compile is True else compile}
+            self.compile_unet(**kwargs)
+
+    def compile_unet(self, mode: Optional[str] = None, **kwargs: Any) -> None:
+        """``torch.compile`` the U-Net in place (``mode``: None, "reduce-overhead", "max-autotune";
+        other keywords go to ``torch.compile``). ``InfiniteIDPipeline(..., compile=True | MODE | {kwargs})``
+        does the same at construction.
+
+        The processors and the ``infinite_id`` keyword trace without graph breaks;
+        the Triton kernel (``kernel_backend="triton"``, or "auto" on a GPU) stays one
+        custom operator. The first call of each batch shape compiles (seconds to
+        minutes); later calls with the same shapes reuse it.
+        """
+        self.c.unet.compile(mode=mode, **kwargs)
 
     # -- loading --------------------------------------------------------------
     @classmethod
