@@ -114,7 +114,11 @@ def test_pipeline_compile_flag_generates_the_same_image():
 
 
 def test_gpu_e2e_benchmark_runs_tiny_on_the_cpu(tmp_path):
-    """benchmarks/gpu_e2e.py --tiny: every stage, both models, eager and compiled, SDPA and the kernel."""
+    """benchmarks/gpu_e2e.py --tiny: every stage of both models, with and without CFG.
+
+    Eager SDPA only: compiling once per case costs minutes here and Triton's
+    interpreter takes seconds per U-Net step; the compiled U-Net and the kernel under
+    compile are what the tests above check."""
     import json
     import sys
     from pathlib import Path
@@ -125,18 +129,18 @@ def test_gpu_e2e_benchmark_runs_tiny_on_the_cpu(tmp_path):
     finally:
         sys.path.pop(0)
     rc = gpu_e2e.main([
-        "--tiny", "--modes", "eager,default", "--compile-backend", "aot_eager", "--batches", "1", "--steps", "2",
+        "--tiny", "--modes", "eager", "--attention", "sdpa", "--batches", "1", "--steps", "2",
         "--repeats", "1", "--e2e-repeats", "1", "--warmup", "0", "--out", str(tmp_path / "e2e"),
     ])
     result = json.loads((tmp_path / "e2e.json").read_text())
     assert rc == 0, [r.get("error") for r in result["rows"]]
     labels = [r["label"] for r in result["rows"]]
-    # sdxl: eager/default x (b1, few-step); infiniteid: eager/default x sdpa/kernel x (b1, few-step)
-    assert len(labels) == 4 + 8 and "infiniteid/default/kernel/b1/2st" in labels and "sdxl/eager/sdpa/b1/4st/nocfg" in labels
+    assert labels == ["sdxl/eager/sdpa/b1/2st", "sdxl/eager/sdpa/b1/4st/nocfg",
+                      "infiniteid/eager/sdpa/b1/2st", "infiniteid/eager/sdpa/b1/4st/nocfg"]
     for r in result["rows"]:
         assert r["unet_step_ms"] > 0 and r["e2e_ms"] > 0 and r["unet_step_floor_ratio"] > 0
         assert ("id_encoder_ms" in r) == r["label"].startswith("infiniteid")
     flops = result["floors"]["flops"]
     # two streams: the Infinite-ID U-Net step does more than twice plain SDXL's work (mixed attention's longer keys)
     assert flops["infiniteid/1/True/unet_step"] > 2 * flops["sdxl/1/True/unet_step"]
-    assert "| infiniteid/default/kernel/b1/2st |" in (tmp_path / "e2e.md").read_text()
+    assert "| infiniteid/eager/sdpa/b1/4st/nocfg |" in (tmp_path / "e2e.md").read_text()

@@ -121,11 +121,12 @@ class InfiniteIDPipeline:
         face_models: Optional[Union[str, Path]] = None,
         device: Union[str, torch.device] = "cpu",
         dtype: torch.dtype = torch.float32,
+        compile: Union[bool, str, dict] = False,
     ) -> "InfiniteIDPipeline":
         """Local folders only: an SDXL diffusers folder, a CLIP image encoder folder, an adapter file."""
         from .loading import load_components
 
-        return cls(load_components(base, image_encoder, adapter, face_models), device=device, dtype=dtype)
+        return cls(load_components(base, image_encoder, adapter, face_models), device=device, dtype=dtype, compile=compile)
 
     # -- encoders ---------------------------------------------------------------
     @torch.no_grad()
