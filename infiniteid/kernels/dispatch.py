@@ -9,7 +9,9 @@ Backends:
   Needs triton and CUDA tensors (or ``TRITON_INTERPRET=1``); forward only.
 * ``"auto"``: the kernel where it was measured faster (see :data:`AUTO_TRITON_DTYPES`
   and benchmarks/results/), else torch. Never the kernel on the CPU, when autograd
-  needs a graph, or while a graph is being traced for export.
+  needs a graph, or while a graph is being traced for export (ONNX, TorchScript,
+  ``torch.export``). Under ``torch.compile`` the kernel runs as one custom operator
+  (:mod:`.compiled`), so the compiler keeps it whole.
 
 While :func:`infiniteid.kernels.onnx_op.attention_plugin` is active, mixed attention
 becomes one custom ONNX node (the TensorRT plugin) instead, whatever the backend.
@@ -19,6 +21,7 @@ triton is imported lazily: the package works without it.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -43,12 +46,11 @@ def triton_available() -> bool:
     return True
 
 
-def _tracing() -> bool:
-    """A graph is being captured (ONNX export, TorchScript trace, torch.compile / export)."""
+def _exporting() -> bool:
+    """A graph is being captured for a file (ONNX export, TorchScript trace, torch.export)."""
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
         return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
+    return bool(torch.compiler.is_exporting())
 
 
 def _needs_grad(*xs: torch.Tensor) -> bool:
@@ -66,7 +68,7 @@ def choose_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mixed: 
             raise RuntimeError("backend='triton' needs the triton package; install it or use backend='torch'")
         return "triton"
     # auto
-    if not mixed or not q.is_cuda or _tracing() or _needs_grad(q, k, v):
+    if not mixed or not q.is_cuda or _exporting() or _needs_grad(q, k, v):
         return "torch"
     if q.dtype not in AUTO_TRITON_DTYPES or not triton_available():
         return "torch"
@@ -98,6 +100,11 @@ def mixed_attention(
 
             return plugin_node(q, k, v, adain=adain, scale=scale)
     if choose_backend(q, k, v, mixed=mixed, backend=backend) == "triton":
+        if torch.compiler.is_compiling():
+            from .compiled import mixed_attention_op
+
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            return mixed_attention_op(q, k, v, bool(mixed), bool(adain), scale)
         from .triton_mixed import mixed_attention_triton
 
         return mixed_attention_triton(q, k, v, mixed=mixed, adain=adain, scale=scale)

@@ -61,7 +61,10 @@ def attention_plugin(enabled: bool = True) -> Iterator[None]:
         _PLUGIN_EXPORT.reset(token)
 
 
+@torch.compiler.assume_constant_result
 def plugin_export_enabled() -> bool:
+    """Whether :func:`attention_plugin` is active. A compiler tracing the U-Net (torch.compile,
+    torch.export) reads it once as a constant instead of breaking the graph on the ContextVar."""
     return _PLUGIN_EXPORT.get()
 
 

@@ -86,7 +86,13 @@ def _to_pil(arrays: Sequence[np.ndarray]) -> List[Any]:
 class InfiniteIDPipeline:
     """Two-stream SDXL with Infinite-ID's processors. See the module docstring."""
 
-    def __init__(self, components: Components, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        components: Components,
+        device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32,
+        compile: Union[bool, str, dict] = False,
+    ):
         self.c = components
         self.device = torch.device(device)
         self.dtype = dtype
@@ -100,6 +106,21 @@ class InfiniteIDPipeline:
         self.resolution_multiple = gen.resolution_multiple(len(c.unet.config.down_block_types))
         # The U-Net's native size (1024 for SDXL, 128 for the tiny model): the default height and width.
         self.default_height = self.default_width = int(c.unet.config.sample_size) * gen.VAE_SCALE_FACTOR
+        if compile:
+            kwargs = compile if isinstance(compile, dict) else {"mode": None if compile is True else compile}
+            self.compile_unet(**kwargs)
+
+    def compile_unet(self, mode: Optional[str] = None, **kwargs: Any) -> None:
+        """``torch.compile`` the U-Net in place (``mode``: None, "reduce-overhead", "max-autotune";
+        other keywords go to ``torch.compile``). ``InfiniteIDPipeline(..., compile=True | MODE | {kwargs})``
+        does the same at construction.
+
+        The processors and the ``infinite_id`` keyword trace without graph breaks;
+        the Triton kernel (``kernel_backend="triton"``, or "auto" on a GPU) stays one
+        custom operator. The first call of each batch shape compiles (seconds to
+        minutes); later calls with the same shapes reuse it.
+        """
+        self.c.unet.compile(mode=mode, **kwargs)
 
     # -- loading --------------------------------------------------------------
     @classmethod
@@ -119,12 +140,13 @@ class InfiniteIDPipeline:
         device: Union[str, torch.device] = "cpu",
         dtype: torch.dtype = torch.float32,
         kind: str = "auto",
+        compile: Union[bool, str, dict] = False,
     ) -> "InfiniteIDPipeline":
         """Local folders only: an SDXL diffusers folder, a CLIP image encoder folder, an adapter file
         (this project's format, or a published IP-Adapter face file of ``kind``)."""
         from .loading import load_components
 
-        return cls(load_components(base, image_encoder, adapter, face_models, kind=kind), device=device, dtype=dtype)
+        return cls(load_components(base, image_encoder, adapter, face_models, kind=kind), device=device, dtype=dtype, compile=compile)
 
     # -- encoders ---------------------------------------------------------------
     @torch.no_grad()
