@@ -63,3 +63,28 @@ def _machine_key_in_a_temporary_folder(tmp_path_factory):
         os.environ.pop("INFINITEID_MACHINE_KEY", None)
     else:
         os.environ["INFINITEID_MACHINE_KEY"] = old
+
+
+# -- shared artefacts: the tiny bundle (exported once per session into the cache folder), synthetic face models,
+# -- and a face photo. A test module may define its own fixture of the same name to get a different one.
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory):
+    from infiniteid.commands.demo import tiny_bundle
+
+    return tiny_bundle(tmp_path_factory.getbasetemp() / "iid-cache", progress=False)
+
+
+@pytest.fixture(scope="session")
+def face_models(tmp_path_factory):
+    from infiniteid.face import write_synthetic_face_models
+
+    return write_synthetic_face_models(tmp_path_factory.mktemp("face-models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def photo(tmp_path_factory):
+    from infiniteid.commands.demo import demo_face
+
+    p = tmp_path_factory.mktemp("photo") / "face.png"
+    demo_face().save(p)
+    return p

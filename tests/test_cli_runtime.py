@@ -26,20 +26,6 @@ def bundle_dir(cache) -> Path:
     return tiny_bundle(cache, progress=False)
 
 
-@pytest.fixture(scope="module")
-def face_models(tmp_path_factory) -> Path:
-    from infiniteid.face import write_synthetic_face_models
-
-    return write_synthetic_face_models(tmp_path_factory.mktemp("face-models"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("photo") / "face.png"
-    demo_face().save(p)
-    return p
-
-
 def test_demo_in_a_subprocess(bundle_dir, cache, tmp_path):
     assert bundle_dir == cache / BUNDLE_NAME
     env = dict(os.environ, INFINITEID_CACHE=str(cache))

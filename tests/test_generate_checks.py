@@ -5,31 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 
-import pytest
 
 from infiniteid.cli import main
-from infiniteid.commands.demo import demo_face, tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory.getbasetemp() / "iid-cache", progress=False)
-
-
-@pytest.fixture(scope="module")
-def face_models(tmp_path_factory) -> Path:
-    from infiniteid.face import write_synthetic_face_models
-
-    return write_synthetic_face_models(tmp_path_factory.mktemp("face-models"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("photo") / "face.png"
-    demo_face().save(p)
-    return p
 
 
 def args(bundle_dir, photo, face_models, out, *extra):

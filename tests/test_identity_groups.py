@@ -3,7 +3,6 @@ per identity-token count and returns results in request order, each identical to
 its group alone (runtime and reference alike)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

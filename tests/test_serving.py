@@ -13,13 +13,12 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from infiniteid import generation as gen
-from infiniteid.commands.demo import demo_face, tiny_bundle
+from infiniteid.commands.demo import demo_face
 from infiniteid.runtime import Runtime
 from infiniteid.runtime.backend import BackendError
 from infiniteid.serving.app import create_app
@@ -46,18 +45,6 @@ class FaultyBackend:
 
     def close(self):
         self.inner.close()
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory.getbasetemp() / "iid-cache", progress=False)
-
-
-@pytest.fixture(scope="module")
-def face_models(tmp_path_factory) -> Path:
-    from infiniteid.face import write_synthetic_face_models
-
-    return write_synthetic_face_models(tmp_path_factory.mktemp("face-models"), seed=0)
 
 
 @pytest.fixture(scope="module")

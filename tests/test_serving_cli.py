@@ -9,27 +9,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from infiniteid.commands.demo import demo_face, tiny_bundle
+from infiniteid.commands.demo import demo_face
 
 from serving_util import call, decode_png, multipart, png_bytes
 
 HEAVY = ("torch", "diffusers", "transformers")
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory.getbasetemp() / "iid-cache", progress=False)
-
-
-@pytest.fixture(scope="module")
-def face_models(tmp_path_factory) -> Path:
-    from infiniteid.face import write_synthetic_face_models
-
-    return write_synthetic_face_models(tmp_path_factory.mktemp("face-models"), seed=0)
 
 
 def test_importing_the_server_loads_no_torch():

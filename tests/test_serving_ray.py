@@ -8,12 +8,11 @@ import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from infiniteid.commands.demo import demo_face, tiny_bundle
+from infiniteid.commands.demo import demo_face
 from infiniteid.serving.app import create_app
 from infiniteid.serving.config import ServerConfig
 from infiniteid.serving.server import BackgroundServer
@@ -23,18 +22,6 @@ from serving_util import call, decode_png, png_bytes, post_json
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'infiniteid-rt[serve]')")
 
 FACE = png_bytes(demo_face(128))
-
-
-@pytest.fixture(scope="session")
-def bundle_dir(tmp_path_factory) -> Path:
-    return tiny_bundle(tmp_path_factory.getbasetemp() / "iid-cache", progress=False)
-
-
-@pytest.fixture(scope="module")
-def face_models(tmp_path_factory) -> Path:
-    from infiniteid.face import write_synthetic_face_models
-
-    return write_synthetic_face_models(tmp_path_factory.mktemp("face-models"), seed=0)
 
 
 def _free_port() -> int:
