@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from typing import List, Optional
@@ -82,6 +83,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except _user_errors() as e:
         print(f"infiniteid {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `infiniteid inspect B | head`: the reader left; say nothing more
+        try:
+            sys.stdout = open(os.devnull, "w")  # Python's exit flush would raise again
+        except OSError:
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":

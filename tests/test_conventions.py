@@ -165,3 +165,18 @@ def test_face_embedder_default_providers_load_quietly_without_a_gpu(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == 0 and p.stdout.strip() == "(512,)", p.stderr
     assert "CUDA" not in p.stderr and "Failed to load" not in p.stderr, p.stderr  # was: red provider-load errors
+
+
+def test_a_closed_pipe_ends_quietly(bundle_dir, monkeypatch, capsys):
+    """`infiniteid inspect B | head`: the reader closing the pipe ends the command quietly (141, as a shell
+    reports SIGPIPE), not with a BrokenPipeError traceback."""
+    import io
+
+    from infiniteid.cli import main
+
+    class ClosedPipe(io.TextIOBase):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["inspect", str(bundle_dir)]) == 141
