@@ -175,20 +175,7 @@ class _Recorder:
         self.calls: List[Dict[str, np.ndarray]] = []
 
     def __call__(self, module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        added = kwargs["added_cond_kwargs"]
-        cond = kwargs["cross_attention_kwargs"][KWARG]
-        f32 = lambda x: x.detach().float().cpu().numpy()  # noqa: E731
-        self.calls.append({
-            "sample": f32(sample),
-            "timestep": np.asarray(torch.as_tensor(t).float().cpu()).reshape(1),
-            "encoder_hidden_states": f32(kwargs["encoder_hidden_states"]),
-            "text_embeds": f32(added["text_embeds"]),
-            "time_ids": f32(added["time_ids"]),
-            "id_embeds": f32(cond.id_embeds),
-            "id_scale": f32(cond.id_scale),
-        })
+        self.calls.append(unet_call_inputs(args, kwargs))
         return None
 
     def stacked(self) -> Dict[str, np.ndarray]:
@@ -199,6 +186,25 @@ class _Recorder:
         for n in FIXED:  # fixed over the steps by construction (generation.unet_conditioning)
             out[n] = first[n]
         return out
+
+
+def unet_call_inputs(args: tuple, kwargs: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """One call of the pipeline's U-Net (as a forward hook sees it) as the graph contract's
+    named float32 arrays."""
+    sample = args[0] if args else kwargs["sample"]
+    t = args[1] if len(args) > 1 else kwargs["timestep"]
+    added = kwargs["added_cond_kwargs"]
+    cond = kwargs["cross_attention_kwargs"][KWARG]
+    f32 = lambda x: x.detach().float().cpu().numpy()  # noqa: E731
+    return {
+        "sample": f32(sample),
+        "timestep": np.asarray(torch.as_tensor(t).float().cpu()).reshape(1),
+        "encoder_hidden_states": f32(kwargs["encoder_hidden_states"]),
+        "text_embeds": f32(added["text_embeds"]),
+        "time_ids": f32(added["time_ids"]),
+        "id_embeds": f32(cond.id_embeds),
+        "id_scale": f32(cond.id_scale),
+    }
 
 
 def _save_atomic(path: Path, arrays: Dict[str, np.ndarray]) -> None:
