@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -42,8 +43,6 @@ FP8_OPSET = 19  # float8 QuantizeLinear/DequantizeLinear are standard from opset
 
 
 def _mtq():
-    import warnings
-
     with warnings.catch_warnings():  # modelopt warns that it has not been tested with this transformers
         warnings.simplefilter("ignore")
         import modelopt.torch.quantization as mtq
@@ -93,7 +92,9 @@ def quantize_unet(
                          disable=not progress, leave=False):
             model(*_tensors(call, device))
 
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # modelopt warns once per disabled layer ("not calibrated, skip smoothing"): the layers we keep
+        warnings.filterwarnings("ignore", message=".*not calibrated.*")
         if qc.calibrator == "percentile":
             _percentile_calibration(mtq, graph, modelopt_config(qc), forward_loop, qc.percentile)
         else:
