@@ -313,3 +313,76 @@ def test_report_orders_fp32_above_quantized_above_a_broken_scale(world, quantize
     assert d["precision"] == "int8" and d["summary"]["psnr_db_mean"] == pytest.approx(s["int8"]["psnr_db_mean"])
     table = reports["int8"].table()
     assert "PSNR" in table and "ArcFace" in table and "worst quantizers" in table
+
+
+# -- the command -------------------------------------------------------------------------
+def _cli(capsys, *argv):
+    from infiniteid.cli import main
+
+    code = main(["calibrate", *map(str, argv)])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_calibrate_refuses_bad_input_with_one_line_errors(world, quantized, tmp_path, capsys):
+    faces, models = world["faces"][0].parent, world["models"]
+    base = ["--faces", faces, "--face-models", models, "--bundle-out", tmp_path / "out"]
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    (tmp_path / "no-faces").mkdir()
+    cases = [
+        (["--tiny", "--precision", "int4", *base], "unknown precision 'int4'; choose one of int8, fp8"),
+        (["--tiny", "--precision", "int8", "--prompts", tmp_path / "empty.txt", *base], "no prompts in it"),
+        (["--tiny", "--precision", "int8", "--faces", tmp_path / "no-faces", "--face-models", models,
+          "--bundle-out", tmp_path / "out"], "no face images in it"),
+        (["--tiny", "--precision", "int8", "--faces", faces, "--face-models", tmp_path / "nope",
+          "--bundle-out", tmp_path / "out"], "nope"),
+        (["--precision", "fp8", "--base", tmp_path / "sdxl", *base], "missing --image-encoder, --adapter"),
+        (["--precision", "fp8", "--base", tmp_path / "sdxl", "--image-encoder", tmp_path, "--adapter", tmp_path / "a",
+          *base], "--base: folder not found"),
+        (["--tiny", "--precision", "int8", "--calibrator", "entropy", *base], "unknown calibrator 'entropy'"),
+        # the report compares against the model the bundle was made from: without it, or with others, refused
+        (["--precision", "int8", "--report-only", "--faces", faces, "--face-models", models,
+          "--bundle-out", quantized["int8"][1]], "runs the unquantized source model"),
+        (["--tiny", "--seed", "1", "--precision", "int8", "--report-only", "--faces", faces, "--face-models", models,
+          "--bundle-out", quantized["int8"][1]], "was not made from these source weights"),
+        (["--tiny", "--precision", "int8", "--report-only", "--faces", faces, "--face-models", models,
+          "--bundle-out", tmp_path / "missing"], "bundle folder not found"),
+    ]
+    for argv, message in cases:
+        code, err = _cli(capsys, *argv)
+        assert code == 1 and message in err, (argv, err)
+        assert err.startswith("infiniteid calibrate: error:") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_help_has_examples(capsys):
+    from infiniteid.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    out = capsys.readouterr().out
+    assert "infiniteid calibrate --tiny --precision int8" in out and "--report-only" in out and "--max-batch" in out
+
+
+@pytest.mark.heavy
+def test_calibrate_tiny_end_to_end_then_report_only(world, tmp_path):
+    """The command as CI's demo of this feature runs it: a fresh process, the tiny model, a CPU."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny-fp8"
+    argv = [sys.executable, "-m", "infiniteid.cli", "calibrate", "--tiny", "--precision", "fp8",
+            "--faces", str(world["faces"][0].parent), "--face-models", str(world["models"]),
+            "--bundle-out", str(out), "--steps", "3", "--samples", "3", "--report-samples", "1", "--no-progress"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "captured 9 U-Net calls from 3 runs" in run.stdout and "PSNR" in run.stdout
+    assert read_manifest(out).components["unet"].precision == "fp8"
+    report = json.loads((out / "accuracy.json").read_text())
+    assert report["summary"]["psnr_db_mean"] > 25 and len(report["steps"]) == 3
+    assert (tmp_path / "tiny-fp8-calibration" / "capture.json").is_file()
+
+    again = subprocess.run(argv + ["--report-only", "--report-json", str(tmp_path / "again.json")],
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "again.json").read_text())["summary"] == report["summary"]
