@@ -4,6 +4,7 @@ Extras follow the package map in the README:
   runtime - the torch-free runtime (numpy, onnxruntime-gpu, tokenizers, face front end)
   export  - the PyTorch reference and ONNX export (torch, diffusers, transformers, onnx)
   gpu     - TensorRT, polygraphy, Triton and cuda-python for NVIDIA GPU boxes
+  calibrate - INT8/FP8 calibration of the U-Net (nvidia-modelopt on top of export)
   test    - what the test suite needs on top of runtime + export
 """
 from setuptools import find_packages, setup
@@ -35,6 +36,9 @@ GPU = [
     "cuda-python>=12.6.2",
     "tensorrt>=10.9",
 ]
+# nvidia-modelopt's base package only: its [onnx] and [hf] extras conflict with our pins, and
+# it imports requests and huggingface_hub without declaring them.
+CALIBRATE = ["nvidia-modelopt>=0.47", "requests>=2.31", "huggingface_hub>=0.20"]
 # tensorrt-lean and cuda-python install without a GPU: the tests check that every
 # TensorRT / CUDA name the backend calls exists in the real bindings.
 TEST = ["pytest>=8", "triton>=3.1", "tensorrt-lean-cu12>=10.9", "cuda-python>=12.6.2"]
@@ -51,7 +55,8 @@ setup(
         "runtime": [],
         "export": EXPORT,
         "gpu": GPU,
-        "test": EXPORT + TEST,
+        "calibrate": EXPORT + CALIBRATE,
+        "test": EXPORT + CALIBRATE + TEST,
     },
     entry_points={"console_scripts": ["infiniteid=infiniteid.cli:main"]},
 )
