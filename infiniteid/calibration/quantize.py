@@ -56,10 +56,6 @@ def modelopt_config(qc: QuantConfig) -> Dict[str, Any]:
     cfg = copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG if qc.precision == "int8" else mtq.FP8_DEFAULT_CFG)
     if qc.precision == "int8":
         cfg["algorithm"] = {"method": "smoothquant", "alpha": float(qc.alpha)}
-    if qc.calibrator == "percentile":
-        for entry in cfg["quant_cfg"]:
-            if entry.get("quantizer_name") == "*input_quantizer" and "cfg" in entry:
-                entry["cfg"] = {**entry["cfg"], "calibrator": "histogram"}
     for pattern in qc.disabled_patterns():
         cfg["quant_cfg"].append({"quantizer_name": pattern, "enable": False})
     return cfg
@@ -105,28 +101,30 @@ def quantize_unet(
 def _percentile_calibration(mtq, graph: nn.Module, cfg: Dict[str, Any], forward_loop, percentile: float) -> None:
     """Weights by max, activations by the ``percentile`` of their histograms.
 
-    ``mtq.quantize`` finishes every calibrator the same way; a histogram calibrator needs
-    its method, so the algorithm is run without calibration, then modelopt's own stats
-    collection is run and each calibrator finished with its method.
+    ``mtq.quantize`` runs its algorithm first (SmoothQuant for INT8 needs the activation
+    maxima, and finishes every calibrator without a method, which a histogram calibrator
+    cannot take). Then each enabled activation quantizer gets modelopt's
+    ``HistogramCalibrator``, the captured calls run once more through modelopt's stats
+    collection, and each histogram is turned into an amax with the ``percentile`` method.
     """
+    from modelopt.torch.quantization.calib import HistogramCalibrator
     from modelopt.torch.quantization.model_calib import enable_stats_collection
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    if isinstance(cfg.get("algorithm"), dict) and cfg["algorithm"].get("method") == "smoothquant":
-        mtq.quantize(graph, cfg, forward_loop)  # smoothing needs the activation maxima first
-    else:
-        mtq.quantize(graph, {**cfg, "algorithm": None}, None)
+    mtq.quantize(graph, cfg, forward_loop)
+    inputs = [m for n, m in graph.named_modules()
+              if isinstance(m, TensorQuantizer) and n.endswith("input_quantizer") and not m._disabled]
+    for q in inputs:
+        q._calibrator = HistogramCalibrator(num_bits=q.num_bits, axis=None, unsigned=q.unsigned)
     enable_stats_collection(graph)
     forward_loop(graph)
     for module in graph.modules():
         if not isinstance(module, TensorQuantizer) or module._disabled:
             continue
-        cal = getattr(module, "_calibrator", None)
-        if cal is not None:
-            if type(cal).__name__ == "HistogramCalibrator":
-                module.load_calib_amax("percentile", percentile=percentile)
-            elif cal.compute_amax() is not None:
-                module.load_calib_amax()
+        if module in inputs:
+            module.load_calib_amax("percentile", percentile=percentile)
+        elif getattr(module, "_calibrator", None) is not None and module._calibrator.compute_amax() is not None:
+            module.load_calib_amax()
         module.enable_quant()
         module.disable_calib()
 
