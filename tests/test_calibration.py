@@ -179,6 +179,7 @@ def test_qdq_graphs_hold_standard_int8_and_fp8_quantizers(quantized):
         assert unet.precision == precision
         q = unet.options["quantization"]
         assert q["precision"] == precision and q["tool"] == "nvidia-modelopt" and "*conv_in*" in q["keep"]
+        assert q["base_precision"] == "fp32"
         assert ("alpha" in q) == (precision == "int8")
         assert all(manifest.components[c].precision == "fp32" for c in manifest.components if c != "unet")
         model = onnx.load(str(folder / unet.file))
@@ -377,7 +378,10 @@ def test_calibrate_tiny_end_to_end_then_report_only(world, tmp_path):
     run = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "captured 9 U-Net calls from 3 runs" in run.stdout and "PSNR" in run.stdout
-    assert read_manifest(out).components["unet"].precision == "fp8"
+    manifest = read_manifest(out)
+    assert manifest.components["unet"].precision == "fp8"  # over fp16, the default base precision
+    assert manifest.components["unet"].options["quantization"]["base_precision"] == "fp16"
+    assert manifest.components["unet"].inputs[0].dtype == "float16"
     report = json.loads((out / "accuracy.json").read_text())
     assert report["summary"]["psnr_db_mean"] > 25 and len(report["steps"]) == 3
     assert (tmp_path / "tiny-fp8-calibration" / "capture.json").is_file()

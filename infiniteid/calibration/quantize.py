@@ -15,10 +15,14 @@
    writes FP8 as TensorRT's ``trt::TRT_FP8QuantizeLinear``/``TRT_FP8DequantizeLinear``;
    :func:`standard_fp8_qdq` rewrites them to the standard opset-19 float8 E4M3 Q/DQ
    (same scale convention), which TensorRT parses natively and onnxruntime runs.
+   With ``ExportOptions(precision="fp16")`` the graph is fp16 around the Q/DQ pairs
+   (scales in fp16, opset 19): the layers left unquantized run in fp16 on TensorRT,
+   as in the fp16 engines the quantized ones are measured against.
    onnxslim is not run on QDQ graphs: constant folding would fold weight Q/DQ pairs away.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import types
@@ -39,7 +43,7 @@ from ..export.graphs import UNetGraph
 from .capture import CaptureSet, unet_contract_names
 from .config import CalibrationError, QuantConfig
 
-FP8_OPSET = 19  # float8 QuantizeLinear/DequantizeLinear are standard from opset 19
+FP8_OPSET = 19  # float8 (and float16-scaled) QuantizeLinear/DequantizeLinear are standard from opset 19
 
 
 def _mtq():
@@ -151,14 +155,14 @@ def export_quantized_unet(
     info = info or ModelInfo.from_pipeline(pipeline)
     opts = dataclasses.replace(
         options,
-        precision="fp32",
-        opset=max(options.opset, FP8_OPSET) if qc.precision == "fp8" else options.opset,
+        opset=max(options.opset, FP8_OPSET) if qc.precision == "fp8" or options.precision == "fp16" else options.opset,
         slim=False,
         check=False,
         attention_plugin=False,
     )
     stand_in = types.SimpleNamespace(c=dataclasses.replace(pipeline.c, unet=qunet))
-    spec = export_component(stand_in, C.UNET, path, opts, root=root, info=info)
+    with _qdq_dtype(qunet, "Half" if opts.precision == "fp16" else "Float"):
+        spec = export_component(stand_in, C.UNET, path, opts, root=root, info=info)
     data = (Path(root) if root else path.parent) / spec.external_data if spec.external_data else None
     model = onnx.load(str(path))
     if qc.precision == "fp8":
@@ -172,7 +176,7 @@ def export_quantized_unet(
         onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
     options_record = dict(spec.options)
-    options_record["quantization"] = {**qc.to_dict(), **(extra or {})}
+    options_record["quantization"] = {**qc.to_dict(), "base_precision": opts.precision, **(extra or {})}
     return dataclasses.replace(
         spec,
         precision=qc.precision,
@@ -182,6 +186,24 @@ def export_quantized_unet(
         external_size=data.stat().st_size if data else 0,
         options=options_record,
     )
+
+
+@contextlib.contextmanager
+def _qdq_dtype(qunet: nn.Module, dtype: str):
+    """The dtype modelopt writes Q/DQ scales in (``trt_high_precision_dtype``): ``Half`` for an
+    fp16 graph, so the dequantized tensors stay fp16 (strongly typed TensorRT keeps what the
+    graph says; an fp32 Q/DQ would turn every quantized layer's output to fp32)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantizers = [m for m in qunet.modules() if isinstance(m, TensorQuantizer)]
+    saved = [q.trt_high_precision_dtype for q in quantizers]
+    for q in quantizers:
+        q.trt_high_precision_dtype = dtype
+    try:
+        yield
+    finally:
+        for q, d in zip(quantizers, saved):
+            q.trt_high_precision_dtype = d
 
 
 def standard_fp8_qdq(model: onnx.ModelProto) -> int:

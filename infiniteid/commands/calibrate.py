@@ -68,6 +68,9 @@ def register(subparsers: Any) -> None:
     q.add_argument("--keep-id-projections", action="store_true",
                    help="keep the ID keys/values projections (to_k_ip, to_v_ip) in high precision")
     q.add_argument("--calib-steps", type=int, help="use at most N captured U-Net calls (default all)")
+    q.add_argument("--base-precision", choices=("fp16", "fp32"), default="fp16",
+                   help="precision of the encoders and of the U-Net around its Q/DQ pairs (default fp16: what "
+                        "TensorRT's fp16 engines run; the VAE stays fp32)")
     r = p.add_argument_group("accuracy report")
     r.add_argument("--report-only", action="store_true", help="only measure the existing --bundle-out")
     r.add_argument("--no-report", action="store_true", help="skip the accuracy report")
@@ -130,6 +133,7 @@ def _export_options(args: argparse.Namespace):
     from ..export import ExportOptions
 
     opts = ExportOptions(
+        precision=args.base_precision,
         height=args.height,
         width=args.width,
         min_resolution=args.min_resolution,
@@ -228,7 +232,7 @@ def _run(args: argparse.Namespace) -> int:
                                           progress=progress, face_models=args.face_models, extra=extra)
         del qunet
         unet = manifest.components["unet"]
-        print(f"wrote {out} (U-Net {unet.precision}, {unet.size / 2**20:.1f} MiB QDQ ONNX)")
+        print(f"wrote {out} (U-Net {unet.precision} QDQ over {opts.precision}, {unet.size / 2**20:.1f} MiB)")
 
     if args.no_report:
         return 0
