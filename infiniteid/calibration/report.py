@@ -296,6 +296,8 @@ def layer_errors(onnx_path: Union[str, Path], feeds: Dict[str, np.ndarray]) -> L
         del model
         sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    values = dict(zip(names, sess.run(None, {k: np.asarray(v, np.float32) for k, v in feeds.items()})))
-    out = [LayerStats(layer, kind, _rel_l2(values[b], values[a])) for layer, kind, (a, b) in probes]
+    types = {i.name: np.float16 if i.type == "tensor(float16)" else np.float32 for i in sess.get_inputs()}
+    values = dict(zip(names, sess.run(None, {k: np.asarray(v, types[k]) for k, v in feeds.items()})))
+    f32 = lambda name: values[name].astype(np.float32)  # noqa: E731
+    out = [LayerStats(layer, kind, _rel_l2(f32(b), f32(a))) for layer, kind, (a, b) in probes]
     return sorted(out, key=lambda s: -s.rel_l2)
