@@ -170,7 +170,7 @@ def test_capture_refuses_no_faces(world, tmp_path):
 
 
 # -- quantized graphs ------------------------------------------------------------------
-def test_qdq_graphs_hold_standard_int8_and_fp8_quantizers(quantized):
+def test_qdq_graphs_hold_standard_int8_and_fp8_quantizers(quantized, capsys):
     for precision, want, opset in (("int8", "INT8", 17), ("fp8", "FLOAT8E4M3FN", 19)):
         folder = quantized[precision][1]
         manifest = read_manifest(folder)
@@ -189,6 +189,12 @@ def test_qdq_graphs_hold_standard_int8_and_fp8_quantizers(quantized):
         # layers NVIDIA keeps in high precision are not quantized
         names = [n.name for n in model.graph.node if n.op_type == "QuantizeLinear"]
         assert not [n for n in names if "conv_in" in n or "conv_out" in n or "time_embedding" in n]
+
+        from infiniteid.cli import main
+
+        assert main(["inspect", str(folder)]) == 0
+        shown = capsys.readouterr().out
+        assert 'unet quantization: ' in shown and f'precision="{precision}"' in shown
 
 
 def _ort_unet(folder):
