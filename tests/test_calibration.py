@@ -16,7 +16,6 @@ from infiniteid.bundle import read_manifest, write_manifest, file_digest
 from infiniteid.calibration import (
     CalibrationError,
     CaptureConfig,
-    CaptureSet,
     QuantConfig,
     accuracy_report,
     capture,
