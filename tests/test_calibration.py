@@ -26,6 +26,7 @@ from infiniteid.calibration import (
     write_quantized_bundle,
 )
 from infiniteid.calibration.capture import FIXED, PER_STEP, unet_contract_names
+from infiniteid.calibration.config import spread
 from infiniteid.calibration.quantize import qdq_summary
 from infiniteid.commands.demo import demo_face
 from infiniteid.export.graphs import UNetGraph
@@ -87,6 +88,9 @@ def test_default_prompt_set_and_held_out_split(tmp_path):
     assert not any(p.startswith("#") for p in prompts)
     calib, held = split_held_out(prompts)
     assert held and not set(calib) & set(held) and len(calib) + len(held) == len(prompts)
+    # a short calibration spreads over the whole list (styles are at its end)
+    assert [spread(i, 4, len(calib)) for i in range(4)] == [0, len(calib) // 4, len(calib) // 2, 3 * len(calib) // 4]
+    assert [spread(i, 5, 2) for i in range(5)] == [0, 1, 0, 1, 0]
 
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")

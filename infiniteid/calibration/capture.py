@@ -32,7 +32,7 @@ from .. import contract as C
 from .. import generation as gen
 from ..bundle import file_digest
 from ..model.processors import KWARG
-from .config import CalibrationError, CaptureConfig
+from .config import CalibrationError, CaptureConfig, spread
 
 FORMAT = "infiniteid-calibration"
 FORMAT_VERSION = 1
@@ -145,7 +145,7 @@ def capture(
     handle = pipeline.c.unet.register_forward_pre_hook(recorder, with_kwargs=True)
     try:
         for i in todo:
-            prompt, face = prompts[i % len(prompts)], i % len(faces)
+            prompt, face = prompts[spread(i, config.samples, len(prompts))], i % len(faces)
             request = gen.GenerationRequest(
                 prompt=prompt, faces=[face_inputs[face]], seed=config.seed + i, guidance=config.guidance
             )

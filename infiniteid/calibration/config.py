@@ -41,8 +41,8 @@ class CalibrationError(ValueError):
 class CaptureConfig:
     """Which reference runs feed the calibration data.
 
-    ``samples`` generations, sample ``i`` takes prompt ``i % len(prompts)``, face
-    ``i % len(faces)`` and seed ``seed + i``; each runs ``steps`` denoising steps at
+    ``samples`` generations, sample ``i`` takes prompt ``spread(i, samples, len(prompts))``,
+    face ``i % len(faces)`` and seed ``seed + i``; each runs ``steps`` denoising steps at
     ``guidance`` (CFG on when > 1, so both halves of the batch are captured).
     ``height``/``width`` ``None``: the model's native size.
     """
@@ -151,6 +151,13 @@ def read_prompts(path: Optional[Union[str, Path]] = None) -> PromptSet:
     if not prompts:
         raise CalibrationError(f"{source}: no prompts in it (one prompt a line; '#' lines are comments)")
     return PromptSet(prompts, source)
+
+
+def spread(i: int, count: int, n: int) -> int:
+    """Which of ``n`` items run ``i`` of ``count`` takes: every item in turn when there are
+    runs enough, else items evenly spread over the list (so a short calibration still sees
+    portraits, scenes and styles, not only the first prompts)."""
+    return i % n if count >= n else (i * n) // count
 
 
 def split_held_out(prompts: Sequence[str], every: int = 8) -> Tuple[List[str], List[str]]:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from .. import generation as gen
 from ..bundle import read_manifest
 from .capture import unet_call_inputs
+from .config import spread
 
 _QUANTIZER = re.compile(r"^/?(?:unet/)?(?P<layer>.+?)/(?P<kind>input|weight)_quantizer/")
 
@@ -223,7 +224,7 @@ def accuracy_report(
     per_step: List[List[Dict[str, float]]] = []
     first_call = None
     for i in tqdm(range(samples), desc="accuracy report", unit="sample", disable=not progress):
-        prompt, k = prompts[i % len(prompts)], i % len(faces)
+        prompt, k = prompts[spread(i, samples, len(prompts))], i % len(faces)
         request = gen.GenerationRequest(prompt=prompt, faces=[face_inputs[k]], seed=seed + i, guidance=guidance)
         images = {}
         for replace in (False, True):
