@@ -168,6 +168,9 @@ def test_capture_refuses_no_faces(world, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationError, match="no face images in it"):
         face_files(tmp_path / "empty")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(CalibrationError, match="is not a folder"):
+        capture(world["pipe"], world["faces"], tmp_path / "a-file", CaptureConfig(prompts=PROMPTS), progress=False)
     with pytest.raises(CalibrationError, match="no faces given"):
         capture(world["pipe"], [], tmp_path / "c", CaptureConfig(prompts=PROMPTS, steps=1, samples=1), progress=False)
 

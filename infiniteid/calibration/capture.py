@@ -123,6 +123,8 @@ def capture(
         raise CalibrationError("no faces given; calibration needs at least one face image")
     faces = [Path(f) for f in faces]
     out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CalibrationError(f"{out}: exists and is not a folder; the capture needs a folder")
     out.mkdir(parents=True, exist_ok=True)
     header = {
         "format": FORMAT,
