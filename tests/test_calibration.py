@@ -320,12 +320,17 @@ def test_report_orders_fp32_above_quantized_above_a_broken_scale(world, quantize
     worst = reports["int8"].worst_layers
     assert worst and worst[0].rel_l2 >= worst[-1].rel_l2 > 0 and {w.kind for w in worst} <= {"input", "weight"}
     assert reports["fp32"].worst_layers == []  # nothing quantized
+    ranges = reports["int8"].stream_ranges  # every mixed-attention K/V projection, both streams seen
+    attn1 = [n for n, _ in pipe.c.unet.named_modules() if n.endswith(("attn1.to_k", "attn1.to_v"))]
+    assert attn1 and sorted(r.layer for r in ranges) == sorted(attn1)
+    assert all(r.text_amax > 0 and r.id_amax > 0 and r.ratio >= 1 for r in ranges)
+    assert [(r.text_amax, r.id_amax) for r in ranges] == [(r.text_amax, r.id_amax) for r in reports["fp8"].stream_ranges]
 
     path = reports["int8"].save(tmp_path / "r.json")
     d = json.loads(path.read_text())
     assert d["precision"] == "int8" and d["summary"]["psnr_db_mean"] == pytest.approx(s["int8"]["psnr_db_mean"])
     table = reports["int8"].table()
-    assert "PSNR" in table and "ArcFace" in table and "worst quantizers" in table
+    assert "PSNR" in table and "ArcFace" in table and "worst quantizers" in table and "per stream" in table
 
 
 # -- the command -------------------------------------------------------------------------

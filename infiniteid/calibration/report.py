@@ -11,6 +11,13 @@ from the same seed, both times through its own code:
    reference image (PSNR, SSIM) and, through the face front end, for identity: ArcFace
    cosine between the reference face and each generated face, and its drop.
 
+Whether the mixed attention's text and ID keys/values would want separate quantizers:
+``attn1``'s ``to_k``/``to_v`` see both streams in one batch, so one input quantizer
+serves both; the report records, per such layer, the largest input magnitude of the
+text rows and of the ID rows on the reference trajectory (:class:`StreamRange`). A
+ratio near 1 means one scale fits both streams; a large one means the smaller stream
+is quantized on a coarser grid than it needs.
+
 The worst layers come from the QDQ graph itself (:func:`layer_errors`): for every
 quantizer, the relative L2 error between the tensor it quantizes and its dequantized
 value on a real U-Net input (local error; weights and activations).
@@ -66,6 +73,18 @@ class LayerStats:
 
 
 @dataclass
+class StreamRange:
+    layer: str  # an attn1 to_k / to_v projection: its input holds both streams
+    text_amax: float
+    id_amax: float
+
+    @property
+    def ratio(self) -> float:
+        lo, hi = sorted((self.text_amax, self.id_amax))
+        return hi / lo if lo > 0 else math.inf
+
+
+@dataclass
 class AccuracyReport:
     precision: str
     bundle: str
@@ -73,6 +92,7 @@ class AccuracyReport:
     steps: List[StepStats] = field(default_factory=list)
     samples: List[SampleStats] = field(default_factory=list)
     worst_layers: List[LayerStats] = field(default_factory=list)
+    stream_ranges: List[StreamRange] = field(default_factory=list)
 
     # -- summary numbers ----------------------------------------------------------
     def summary(self) -> Dict[str, Optional[float]]:
@@ -93,6 +113,7 @@ class AccuracyReport:
             "arcface_reference": ref,
             "arcface_quantized": q,
             "arcface_drop": None if ref is None or q is None else ref - q,
+            "stream_range_ratio_max": max((r.ratio for r in self.stream_ranges), default=None),
         }
 
     def to_dict(self) -> Dict[str, Any]:
@@ -122,6 +143,10 @@ class AccuracyReport:
             f"  identity      ArcFace cosine to the reference face: unquantized {f(s['arcface_reference'], '.4f')}, "
             f"quantized {f(s['arcface_quantized'], '.4f')}, drop {f(s['arcface_drop'], '+.4f')}",
         ]
+        if self.stream_ranges:
+            lines += ["", "  mixed attention K/V inputs, largest |x| per stream (one quantizer serves both)"]
+            lines += [f"    text {r.text_amax:9.4f}  id {r.id_amax:9.4f}  ratio {r.ratio:5.2f}  {r.layer}"
+                      for r in sorted(self.stream_ranges, key=lambda r: -r.ratio)[:5]]
         if self.worst_layers:
             lines += ["", "  worst quantizers (local rel L2 of dequantized vs original tensor)"]
             lines += [f"    {w.rel_l2:8.4f}  {w.kind:6s}  {w.layer}" for w in self.worst_layers]
@@ -141,6 +166,33 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def _rel_l2(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm((a - ref).astype(np.float64)) / (np.linalg.norm(ref.astype(np.float64)) + 1e-30))
+
+
+class _StreamRanges:
+    """Forward pre-hooks on every ``attn1.to_k``/``to_v``: the largest input magnitude of the
+    text rows (first half of the batch) and of the ID rows (second half)."""
+
+    def __init__(self, unet: Any):
+        self.amax: Dict[str, List[float]] = {}
+        self.active = False  # on for the reference trajectories only
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in unet.named_modules()
+                        if name.endswith(("attn1.to_k", "attn1.to_v"))]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            if not self.active:
+                return
+            x = args[0].detach().abs().float()
+            half = x.shape[0] // 2
+            text, ident = float(x[:half].max()), float(x[half:].max())
+            old = self.amax.get(name, [0.0, 0.0])
+            self.amax[name] = [max(old[0], text), max(old[1], ident)]
+        return hook
+
+    def remove(self) -> List[StreamRange]:
+        for h in self.handles:
+            h.remove()
+        return [StreamRange(n, t, i) for n, (t, i) in self.amax.items()]
 
 
 class _UNetTap:
@@ -221,6 +273,7 @@ def accuracy_report(
         settings={**settings.to_dict(), "samples": samples, "seed": seed, "guidance": guidance},
     )
     face_inputs = [pipeline.face_input(str(f)) for f in faces]
+    ranges = _StreamRanges(pipeline.c.unet)
     per_step: List[List[Dict[str, float]]] = []
     first_call = None
     for i in tqdm(range(samples), desc="accuracy report", unit="sample", disable=not progress):
@@ -230,10 +283,12 @@ def accuracy_report(
         for replace in (False, True):
             tap = _UNetTap(unet, replace)
             handle = pipeline.c.unet.register_forward_hook(tap, with_kwargs=True)
+            ranges.active = not replace
             try:
                 images[replace] = pipeline.generate([request], settings, progress=False).images[0]
             finally:
                 handle.remove()
+                ranges.active = False
             if not replace:
                 per_step.append(tap.stats)
                 first_call = first_call or tap.first_call
@@ -245,6 +300,7 @@ def accuracy_report(
             arcface_reference=_face_cosine(face, ref_emb, images[False]) if face is not None else None,
             arcface_quantized=_face_cosine(face, ref_emb, images[True]) if face is not None else None,
         ))
+    report.stream_ranges = ranges.remove()
     for s in range(len(per_step[0])):
         col = [run[s] for run in per_step]
         report.steps.append(StepStats(
