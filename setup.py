@@ -5,6 +5,7 @@ Extras follow the package map in the README:
   export  - the PyTorch reference and ONNX export (torch, diffusers, transformers, onnx)
   gpu     - TensorRT, polygraphy, Triton and cuda-python for NVIDIA GPU boxes
   serve   - the HTTP server, its metrics and Ray Serve scale-out (infiniteid serve / bench)
+  calibrate - INT8/FP8 calibration of the U-Net (nvidia-modelopt on top of export)
   test    - what the test suite needs on top of runtime + export
 """
 import re
@@ -50,6 +51,9 @@ SERVE = [
     "python-multipart>=0.0.18",
     "ray[serve]>=2.40",
 ]
+# nvidia-modelopt's base package only: its [onnx] and [hf] extras conflict with our pins, and
+# it imports requests and huggingface_hub without declaring them.
+CALIBRATE = ["nvidia-modelopt>=0.47", "requests>=2.31", "huggingface_hub>=0.20"]
 # tensorrt-lean and cuda-python install without a GPU: the tests check that every
 # TensorRT / CUDA name the backend calls exists in the real bindings.
 # polygraphy is pure Python: `check --against polygraphy` runs its onnxruntime runner on a CPU.
@@ -71,7 +75,8 @@ setup(
         "export": EXPORT,
         "gpu": GPU,
         "serve": SERVE,
-        "test": EXPORT + TEST,
+        "calibrate": EXPORT + CALIBRATE,
+        "test": EXPORT + CALIBRATE + TEST,
     },
     entry_points={"console_scripts": ["infiniteid=infiniteid.cli:main"]},
 )

@@ -21,6 +21,12 @@ guidance on, so the U-Net sees 4 rows), by default:
   shared scratch, buffers; it includes the CUDA context) and, for PyTorch,
   ``torch.cuda.max_memory_allocated`` plus the same device-level figure.
 
+``--quantized B8 B16 ...`` adds INT8 / FP8 bundles from ``infiniteid calibrate``
+(engines built with ``infiniteid build B --precision int8|fp8``): each is timed the
+same way in the same run, and a second table gives its U-Net step and end-to-end
+ratio to the fp16 ``--bundle``, next to the issue's targets (INT8 >= 1.2x,
+FP8 >= 1.3x on the U-Net step).
+
 Prints a table and writes JSON (``--out``, default
 ``benchmarks/results/gpu_trt-<gpu>.json``). Runs the TensorRT side first, frees
 it, then the PyTorch baseline in the same process and on the same GPU.
@@ -63,6 +69,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--engine-dir", default=None, help="engine folder (default: the one for this GPU)")
     p.add_argument("--cuda-graphs", default="auto", choices=("auto", "always", "never"))
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/gpu_trt-<gpu>.json)")
+    p.add_argument("--quantized", nargs="+", default=[], metavar="BUNDLE",
+                   help="INT8/FP8 bundles (infiniteid calibrate + build) timed in the same run against --bundle")
     args = p.parse_args(argv)
     given = [args.base, args.image_encoder, args.adapter]
     if any(given) and not all(given):
@@ -272,6 +280,39 @@ def table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: U-Net step speed-up over fp16 engines that calibration aims for (stated in the README until measured).
+QUANTIZED_TARGETS = {"int8": 1.2, "fp8": 1.3}
+
+
+def bench_quantized(args) -> Dict[str, Any]:
+    """Each ``--quantized`` bundle through :func:`bench_trt`, keyed by its U-Net precision."""
+    from infiniteid.bundle import read_manifest
+
+    out: Dict[str, Any] = {}
+    for folder in args.quantized:
+        precision = read_manifest(folder).components["unet"].precision
+        print(f"TensorRT, {precision} U-Net ({folder}) ...", file=sys.stderr)
+        run = bench_trt(argparse.Namespace(**{**vars(args), "bundle": folder, "engine_dir": None}))
+        out[precision] = {**run, "bundle": str(Path(folder).resolve())}
+    return out
+
+
+def quantized_table(result: Dict[str, Any]) -> str:
+    base = result["tensorrt"]
+    rows = [("U-Net precision", "U-Net step ms", "vs fp16", "target", "end to end ms", "vs fp16")]
+    rows.append(("fp16 (--bundle)", f"{base['stages_ms']['unet_step']:.2f}", "1.00x", "",
+                 f"{base['end_to_end_ms']:.1f}", "1.00x"))
+    for precision, run in result.get("quantized", {}).items():
+        step, e2e = run["stages_ms"]["unet_step"], run["end_to_end_ms"]
+        target = QUANTIZED_TARGETS.get(precision)
+        rows.append((precision, f"{step:.2f}", f"{base['stages_ms']['unet_step'] / step:.2f}x",
+                     f">= {target:.1f}x" if target else "", f"{e2e:.1f}", f"{base['end_to_end_ms'] / e2e:.2f}x"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     from infiniteid.runtime.backend import BackendError
@@ -294,10 +335,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     print(f"TensorRT on {device.name} ...", file=sys.stderr)
     result["tensorrt"] = bench_trt(args)
+    if args.quantized:
+        result["quantized"] = bench_quantized(args)
     if args.base:
         print("PyTorch reference (eager fp16) ...", file=sys.stderr)
         result["pytorch"] = bench_torch(args)
     print(table(result))
+    if args.quantized:
+        print()
+        print(quantized_table(result))
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"gpu_trt-{device.name.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -15,7 +15,9 @@ import sys
 import warnings
 from typing import List, Optional
 
-COMMANDS = ("demo", "generate", "export", "inspect", "build", "check", "selftest", "convert-adapter", "serve", "bench")
+COMMANDS = (
+    "demo", "generate", "export", "inspect", "build", "check", "selftest", "convert-adapter", "serve", "bench", "calibrate",
+)
 
 
 class UserError(Exception):

@@ -142,7 +142,7 @@ def test_option_checks():
     for kw, msg in [
         ({"opt_level": 7}, "--opt-level must be an integer from 0 to 5"),
         ({"workspace_gb": 0}, "--workspace must be a positive number"),
-        ({"precision": "int8"}, "--precision must be one of fp32, fp16"),
+        ({"precision": "int4"}, "--precision must be one of fp32, fp16, int8, fp8"),
         ({"shapes": "dynamic", "height": 768}, "--height/--width/--images choose the static shape"),
         ({"components": ["unet", "vea"]}, "unknown component 'vea'"),
         ({"images": 0}, "--images must be a positive integer"),

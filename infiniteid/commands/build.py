@@ -12,12 +12,14 @@ examples:
   infiniteid build bundle/ --shapes dynamic       the manifest's resolution/batch ranges, one engine each
   infiniteid build bundle/ --timing-cache ~/.cache/infiniteid/h100.cache --opt-level 4
   infiniteid build bundle/ --dry-run              print the engines and profiles, build nothing
+  infiniteid build sdxl-int8/ --precision int8    a bundle from infiniteid calibrate (QDQ U-Net)
 
 Engines go to BUNDLE/engines/<gpu>-sm<cc>-trt<version>/ with a JSON sidecar each
 (TensorRT version, GPU, profiles, ONNX hash, flags, build time); up-to-date
 engines are kept unless --force. Precision comes from the ONNX (TensorRT builds
-strongly typed networks): fp16 engines need an fp16 export. The VAE decoder
-stays fp32 unless it was exported in fp16.
+strongly typed networks): fp16 engines need an fp16 export, INT8/FP8 U-Net
+engines a bundle from infiniteid calibrate (its Q/DQ nodes set the precision).
+The VAE decoder stays fp32 unless it was exported in fp16.
 """
 
 
@@ -30,8 +32,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bundle", help="bundle folder (from infiniteid export)")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default=None,
-                   help="expected precision; checked against the bundle's ONNX (default: as exported)")
+    p.add_argument("--precision", choices=("fp16", "fp32", "int8", "fp8"), default=None,
+                   help="expected precision; checked against the bundle's ONNX (default: as exported). "
+                        "int8/fp8: the U-Net's Q/DQ nodes from infiniteid calibrate")
     p.add_argument("--shapes", choices=("static", "dynamic"), default="static",
                    help="static: one fixed shape for the U-Net/VAE (fastest, CUDA graphs); "
                         "dynamic: the manifest's ranges (default: static)")

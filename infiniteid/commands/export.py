@@ -104,6 +104,13 @@ def register(subparsers: Any) -> None:
     )
     g.add_argument("--opset", type=int, default=17, help="ONNX opset, 17..20 (default 17)")
     g.add_argument("--no-slim", action="store_true", help="skip the onnxslim clean-up (constant folding, fusion)")
+    add_shape_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The shape-range options (shared with ``infiniteid calibrate``, which writes bundles too)."""
     s = p.add_argument_group("shape ranges (become the manifest's min/opt/max and TensorRT profiles)")
     s.add_argument("--height", type=int, help="optimal height in pixels (default: the model's, 1024 for SDXL)")
     s.add_argument("--width", type=int, help="optimal width in pixels (default: the model's)")
@@ -112,8 +119,6 @@ def register(subparsers: Any) -> None:
     s.add_argument("--max-batch", type=int, default=4, help="most images per batch (default 4)")
     s.add_argument("--opt-batch", type=int, default=1, help="images per batch to optimise for (default 1)")
     s.add_argument("--max-identities", type=int, default=2, help="most faces one request may mix (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
 
 
 def options_from_args(args: argparse.Namespace):

@@ -143,6 +143,10 @@ def render(bundle: Path, manifest: Any) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in sorted(c.options.items()) if not isinstance(v, (dict, list)))
         comp_rows.append([name, c.precision, c.file, size, c.sha256[:12], opts])
     parts += ["", "components", table(["name", "precision", "file", "size", "sha256", "options"], comp_rows)]
+    for name, c in m.components.items():  # infiniteid calibrate's record of how a U-Net was quantized
+        q = c.options.get("quantization")
+        if isinstance(q, dict):
+            parts.append(f"{name} quantization: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(q.items())))
 
     t_rows = []
     for name, c in m.components.items():

@@ -22,7 +22,7 @@ import platform
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Union
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -40,7 +40,7 @@ from .output_folder import check_output_folder, output_lock, staging
 _SOURCE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
 _VARIANT_MARKS = (".fp16.", ".bf16.", ".fp8.")
 _SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-_TOOLS = ("torch", "onnx", "onnxslim", "onnxruntime-gpu", "onnxruntime", "diffusers", "transformers", "tokenizers", "infiniteid-rt")
+_TOOLS = ("torch", "onnx", "onnxslim", "onnxruntime-gpu", "onnxruntime", "diffusers", "transformers", "tokenizers", "nvidia-modelopt", "infiniteid-rt")
 
 
 def export_bundle(
@@ -51,11 +51,14 @@ def export_bundle(
     overwrite: bool = False,
     progress: bool = True,
     face_models: Optional[Union[str, Path]] = None,
+    exporters: Optional[Mapping[str, Callable[..., Any]]] = None,
 ) -> Manifest:
     """Export every component of ``pipeline`` and write the bundle folder ``out``.
 
     ``face_models``: the user's insightface folder, recorded in the manifest by path
-    and hash (never copied). Returns the written manifest.
+    and hash (never copied). ``exporters``: per component, a replacement for
+    :func:`export_component` with its signature (the calibration writes its quantized
+    U-Net this way). Returns the written manifest.
     """
     out = Path(out).expanduser().absolute()
     info = ModelInfo.from_pipeline(pipeline)
@@ -69,7 +72,8 @@ def export_bundle(
         bar = tqdm(C.COMPONENTS, desc="exporting", unit="graph", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
-            components[name] = export_component(pipeline, name, tmp / ONNX_DIR / f"{name}.onnx", opts, root=tmp, info=info)
+            export = (exporters or {}).get(name, export_component)
+            components[name] = export(pipeline, name, tmp / ONNX_DIR / f"{name}.onnx", opts, root=tmp, info=info)
             if opts.on_component is not None:
                 opts.on_component(name)
         bar.close()

@@ -10,7 +10,10 @@
   compete with intra-op ones.
 * Precision: an fp16 graph takes float16 inputs; callers always pass float32,
   and this backend casts float inputs to the graph's dtype and float outputs
-  back to float32, so the runtime above it never sees float16.
+  back to float32, so the runtime above it never sees float16. INT8 and FP8
+  (QDQ) graphs take float32. onnxruntime's CPU provider has float8 kernels only
+  for QuantizeLinear/DequantizeLinear, and its QDQ propagation passes move
+  Transposes onto the float8 tensors, so those passes are off for fp8 graphs.
 * Feeds are checked against the manifest before a run (names, dtypes, ranks,
   fixed dimensions) so a mistake says which tensor is wrong, instead of an
   onnxruntime message about node indices.
@@ -40,6 +43,8 @@ _ORT_DTYPES = {
     "tensor(bool)": np.bool_,
 }
 _FLOATS = (np.float16, np.float32, np.float64)
+#: Graph optimisations that would leave an fp8 (QDQ) graph with float8 ops the CPU provider lacks.
+FP8_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer", "QDQSelectorActionTransformer")
 
 
 def default_providers(available: Sequence[str]) -> List[str]:
@@ -117,7 +122,10 @@ class OrtBackend:
         spec = self.bundle.component(component)
         path = self.bundle.onnx_path(component)
         try:
-            sess = self._ort.InferenceSession(str(path), sess_options=self._options(), providers=self.providers)
+            disabled = list(FP8_DISABLED_OPTIMIZERS) if spec.precision == "fp8" else None
+            sess = self._ort.InferenceSession(
+                str(path), sess_options=self._options(), providers=self.providers, disabled_optimizers=disabled
+            )
         except Exception as e:  # onnxruntime raises its own untyped exceptions
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{path}: onnxruntime cannot load component {component!r}: {first}") from None

@@ -39,7 +39,9 @@ from .profiles import ShapePlan, component_profiles
 from .step_graph import StepGraphSpec, make_step_model, step_graph_key, step_tensor_specs
 from .trust import built_here_tag
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+#: Precisions that come from Q/DQ nodes in the U-Net (written by ``infiniteid calibrate``).
+QUANTIZED = ("int8", "fp8")
 #: Components whose precision follows --precision; the VAE stays as exported (fp32 unless asked at export).
 FOLLOWS_PRECISION = tuple(c for c in COMPONENTS if c != VAE_DECODER)
 #: ONNX files up to this size are opened to look for the plugin's custom domain.
@@ -140,6 +142,16 @@ def check_precision(manifest: Manifest, requested: Optional[str], components: Se
     if requested is None:
         return
     follow = [c for c in components if c in FOLLOWS_PRECISION]
+    if requested in QUANTIZED:
+        # INT8/FP8 come from the U-Net's Q/DQ nodes (infiniteid calibrate); the other graphs stay as exported.
+        unet = manifest.components[UNET].precision
+        if UNET in components and unet != requested:
+            raise BuildError(
+                f"--precision {requested} asked, but the bundle's U-Net is {unet}. {requested.upper()} engines are "
+                f"built from a QDQ U-Net: run infiniteid calibrate ... --precision {requested} --bundle-out DIR, "
+                f"then infiniteid build DIR --precision {requested}"
+            )
+        return
     if requested == "fp16":
         fp32 = [c for c in follow if manifest.components[c].precision == "fp32"]
         if fp32:
