@@ -28,10 +28,13 @@ from infiniteid.serving.server import BackgroundServer
 from serving_util import call, decode_png, labelled, metric, multipart, png_bytes, post_json, total
 
 POISON_ID_SCALE = 7.25  # a request with this ID scale makes its batch's U-Net call fail
+SLOW_ID_SCALE = 3.75  # ... and this one makes each of its batch's U-Net calls take at least SLOW_STEP_S longer
+SLOW_STEP_S = 0.25
 
 
 class FaultyBackend:
-    """The real onnxruntime backend, failing the U-Net call of any batch that holds a poisoned request."""
+    """The real onnxruntime backend, failing the U-Net call of any batch that holds a poisoned request
+    and slowing down a batch that holds a slow one (so timeouts do not depend on this machine's speed)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -41,6 +44,8 @@ class FaultyBackend:
     def run(self, component, feeds):
         if component == "unet" and np.any(np.isclose(feeds["id_scale"], POISON_ID_SCALE)):
             raise BackendError("injected fault")
+        if component == "unet" and np.any(np.isclose(feeds["id_scale"], SLOW_ID_SCALE)):
+            time.sleep(SLOW_STEP_S)
         return self.inner.run(component, feeds)
 
     def close(self):
@@ -265,7 +270,7 @@ def test_a_request_past_its_timeout_gets_504_and_never_runs(runtime, bundle_dir,
         assert post_json(s.url, job(1))[0] == 200  # the face is cached; quick requests fit the timeout
         ok_before = labelled(metric(s.url, "infiniteid_batches_total"), outcome="ok")[0]
         with ThreadPoolExecutor(2) as pool:
-            slow = pool.submit(post_json, s.url, job(2, steps=30, height=192, width=192))
+            slow = pool.submit(post_json, s.url, job(2, steps=8, id_scale=SLOW_ID_SCALE))  # >= 2 s of U-Net calls
             time.sleep(0.3)  # the slow batch is running now
             quick = pool.submit(post_json, s.url, job(3))
             slow, quick = slow.result(), quick.result()
@@ -288,7 +293,7 @@ def test_shutdown_answers_the_requests_that_wait(runtime, bundle_dir, face_model
     wait_ready(s.url)
     assert post_json(s.url, job(1))[0] == 200
     with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(post_json, s.url, job(i, steps=6, height=128, width=128)) for i in range(6)]
+        futures = [pool.submit(post_json, s.url, job(i, steps=4, id_scale=SLOW_ID_SCALE)) for i in range(6)]
         deadline = time.monotonic() + 30
         while metric(s.url, "infiniteid_queue_depth")[""] < 3:
             assert time.monotonic() < deadline
