@@ -285,7 +285,7 @@ def accuracy_report(
             handle = pipeline.c.unet.register_forward_hook(tap, with_kwargs=True)
             ranges.active = not replace
             try:
-                images[replace] = pipeline.generate([request], settings, progress=False).images[0]
+                images[replace] = pipeline.generate([request], settings, progress=False).arrays[0]
             finally:
                 handle.remove()
                 ranges.active = False
