@@ -14,7 +14,7 @@ import torch
 from ..imageproc import ClipImageConfig
 from ..tokenize import PromptTokenizer, configure_padding
 from .adapter import load_adapter, read_adapter_config
-from .id_encoder import IDEncoder
+from .id_encoder import IDEncoder, IDEncoderConfig, build_mapper
 from .pipeline import Components
 from .processors import install_processors
 from .tiny import EOS, TINY_SCHEDULER_CONFIG, TinySizes, tiny_id_encoder, tiny_text_encoders, tiny_tokenizer, tiny_unet, tiny_vae
@@ -72,10 +72,14 @@ def load_prompt_tokenizer(folder: Path) -> PromptTokenizer:
 def load_components(
     base: Union[str, Path],
     image_encoder: Union[str, Path],
-    adapter: Union[str, Path],
+    adapter: Optional[Union[str, Path]],
     face_models: Optional[Union[str, Path]] = None,
+    face_tokens: int = 4,
 ) -> Components:
-    """SDXL from a diffusers folder, the CLIP image encoder, and an Infinite-ID adapter file."""
+    """SDXL from a diffusers folder, the CLIP image encoder, and an Infinite-ID adapter file.
+
+    ``adapter=None`` gives a freshly initialised mapper (``face_tokens`` face tokens)
+    and ``attn2`` projections: the starting point of training."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
@@ -95,13 +99,17 @@ def load_components(
     except (OSError, ValueError, EnvironmentError) as e:
         raise WeightsError(f"cannot load weights: {e}") from None
 
-    cfg = read_adapter_config(adapter)
+    if adapter is None:
+        cfg = IDEncoderConfig(cross_attention_dim=unet.config.cross_attention_dim, clip_dim=vision.config.hidden_size,
+                              face_tokens=face_tokens)
+    else:
+        cfg = read_adapter_config(adapter)
     if cfg.clip_dim != vision.config.hidden_size:
         raise WeightsError(
             f"the adapter expects CLIP states of width {cfg.clip_dim}, the image encoder in {enc_dir} gives {vision.config.hidden_size}"
         )
     install_processors(unet)
-    mapper = load_adapter(adapter, unet)
+    mapper = build_mapper(cfg) if adapter is None else load_adapter(adapter, unet)
     index = json.loads((base / "model_index.json").read_text()) if (base / "model_index.json").is_file() else {}
     scheduler_config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
     face = None
@@ -121,5 +129,5 @@ def load_components(
         clip_image=ClipImageConfig.from_folder(enc_dir, vision.config.image_size),
         face=face,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-        sources={"base": str(base), "image_encoder": str(enc_dir), "adapter": str(adapter)},
+        sources={"base": str(base), "image_encoder": str(enc_dir), "adapter": str(adapter) if adapter else "fresh"},
     )
