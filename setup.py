@@ -4,6 +4,7 @@ Extras follow the package map in the README:
   runtime - the torch-free runtime (numpy, onnxruntime-gpu, tokenizers, face front end)
   export  - the PyTorch reference and ONNX export (torch, diffusers, transformers, onnx)
   gpu     - TensorRT, polygraphy, Triton and cuda-python for NVIDIA GPU boxes
+  train   - training (infiniteid train): export + Hugging Face Accelerate
   test    - what the test suite needs on top of runtime + export
 """
 from setuptools import find_packages, setup
@@ -29,6 +30,8 @@ EXPORT = [
     "onnxscript>=0.2",
     "onnxslim>=0.1.40",
 ]
+# Training (infiniteid train): Hugging Face Accelerate for DDP / multi-node, on top of export.
+TRAIN = ["accelerate>=1.0"]
 GPU = [
     "triton>=3.1",
     "polygraphy>=0.49",
@@ -51,7 +54,8 @@ setup(
         "runtime": [],
         "export": EXPORT,
         "gpu": GPU,
-        "test": EXPORT + TEST,
+        "train": EXPORT + TRAIN,
+        "test": EXPORT + TRAIN + TEST,
     },
     entry_points={"console_scripts": ["infiniteid=infiniteid.cli:main"]},
 )

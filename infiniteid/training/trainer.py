@@ -116,7 +116,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True,
     cfg.validate()
     out = Path(cfg.output_dir)
     try:
-        acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        # Processes started by `accelerate launch --multi_gpu` / torchrun on a machine without
+        # CUDA: CPU DDP over gloo (accelerate's own `--cpu` launcher needs MPI for >1 process).
+        cpu_ddp = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
     except ValueError as e:  # e.g. fp16 without a GPU
         raise ConfigError(f"mixed_precision={cfg.mixed_precision!r} cannot run here: {e}") from None
     say = log if acc.is_main_process else (lambda _msg: None)
