@@ -248,3 +248,33 @@ def test_cli_trains_from_the_example_config(world, tmp_path, capsys):
     assert "trained to step 2" in capsys.readouterr().out
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
+
+
+@pytest.mark.heavy  # the export alone takes over a minute on two busy cores
+def test_trained_adapter_exports_and_runs_through_the_runtime(world, tmp_path):
+    """A trained adapter in the tiny model -> bundle -> onnxruntime, within 2/255 of the reference."""
+    from infiniteid import generation as gen
+    from infiniteid.export import export_bundle
+    from infiniteid.model.pipeline import FaceInput, InfiniteIDPipeline
+    from infiniteid.runtime import Runtime
+
+    result = train(config(world, tmp_path / "run", max_steps=3, optim={"lr": 1e-2}), progress=False,
+                   log=lambda _m: None)
+    pipe = InfiniteIDPipeline.tiny(seed=0)
+    rng = np.random.default_rng(5)
+    e = rng.standard_normal(512).astype(np.float32)
+    face = FaceInput(embedding=e / np.linalg.norm(e), crop=rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    before = pipe.encode_faces([face]).clone()
+    pipe.c.id_encoder.mapper = load_adapter(result.adapter, pipe.c.unet).eval().requires_grad_(False)
+    assert not torch.allclose(pipe.encode_faces([face]), before)  # the trained mapper is in use
+    export_bundle(pipe, tmp_path / "bundle", progress=False)
+    req = [gen.GenerationRequest("a photo of a person wearing a red jacket in the city", faces=[face], seed=4)]
+    settings = gen.BatchSettings(height=RES, width=RES, steps=3)
+    ref = pipe.generate(req, settings, progress=False)
+    rt = Runtime(tmp_path / "bundle", backend="ort")
+    try:
+        ours = rt.generate(req, settings, progress=False)
+    finally:
+        rt.close()
+    diff = np.abs(ours.arrays[0].astype(np.int16) - ref.images[0].astype(np.int16)).max()
+    assert diff <= 2, f"max pixel difference {diff}/255"
