@@ -211,6 +211,12 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True,
                           "seconds": round(time.perf_counter() - t0, 3)})
     acc.wait_for_everyone()
     acc.end_training()
+    if acc.num_processes == 1:
+        # Accelerate keeps its state in a process-wide singleton; release it so that a
+        # later train() in this process (a notebook, a test) may use other settings.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     return result
 
 
