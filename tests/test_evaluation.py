@@ -121,3 +121,22 @@ def test_evaluate_command_on_the_tiny_model(tmp_path, face_models, clip_folder, 
     assert len(list((out / "images").glob("*.png"))) == 4
     assert main(["evaluate", "--tiny", "--references", str(refs), "--out", str(out)]) == 1
     assert "give prompts" in capsys.readouterr().err
+
+
+@pytest.mark.heavy  # exports the tiny bundle (a minute on two busy cores)
+def test_evaluate_command_on_a_runtime_bundle(tmp_path, face_models):
+    from infiniteid.commands.demo import tiny_bundle
+
+    bundle = tiny_bundle(tmp_path / "cache", progress=False)
+    refs = W.write_world(tmp_path / "w", identities=2, photos=1, size=128, seed=2)
+    common = ["--references", str(refs), "--face-models", str(face_models), "--world", "--num-prompts", "1",
+              "--height", "64", "--width", "64", "--steps", "2", "--no-progress"]
+    assert main(["evaluate", "--bundle", str(bundle), *common, "--out", str(tmp_path / "rt")]) == 0
+    assert main(["evaluate", "--tiny", *common, "--out", str(tmp_path / "ref")]) == 0
+    rt = json.loads((tmp_path / "rt" / "results.json").read_text())
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert rt["source"]["backend"] == "ort" and ref["source"]["backend"] == "reference"
+    for a, b in zip(rt["rows"], ref["rows"]):  # the same model on two backends: the same images
+        x = np.asarray(Image.open(tmp_path / "rt" / a["image"]), np.int16)
+        y = np.asarray(Image.open(tmp_path / "ref" / b["image"]), np.int16)
+        assert np.abs(x - y).max() <= 2

@@ -1,7 +1,8 @@
 """Identities x prompts on any backend, scored, and written as JSON, Markdown and a contact sheet.
 
-A backend is anything with ``generate(requests, settings)`` returning an object
-with ``images`` (and ``text_images`` when ``settings.return_text_stream``): the
+A backend is anything with ``generate(requests, settings, progress=...)`` returning
+an object with the images (``arrays`` or ``images``, and the text stream's when
+``settings.return_text_stream``): the
 PyTorch reference pipeline and the torch-free :class:`~infiniteid.runtime.Runtime`
 (onnxruntime or TensorRT) both are. :func:`evaluate` generates every
 (identity, prompt, seed), scores it with the metrics that were given (CLIP-T and
@@ -129,9 +130,12 @@ def evaluate(
     jobs = [(n, p, prompt, s) for n, p in references for prompt in prompts for s in seeds]
     for name, path, prompt, seed in tqdm(jobs, desc="evaluating", disable=not progress):
         req = gen.GenerationRequest(prompt=prompt, faces=[str(path)], seed=seed, guidance=guidance)
-        out = backend.generate([req], settings)
-        images.append(out.images[0])
-        text_images.append(out.text_images[0] if getattr(out, "text_images", None) else None)
+        out = backend.generate([req], settings, progress=False)
+        # The runtime gives PIL images and numpy ``arrays``; the reference numpy ``images``.
+        ids = getattr(out, "arrays", None) or out.images
+        texts = getattr(out, "text_arrays", None) or getattr(out, "text_images", None)
+        images.append(np.asarray(ids[0]))
+        text_images.append(np.asarray(texts[0]) if texts else None)
         rows.append(EvalRow(identity=name, reference=str(path), prompt=prompt, seed=seed))
 
     ref_list = [refs[r.identity] for r in rows]
