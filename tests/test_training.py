@@ -297,3 +297,28 @@ def test_gradient_checkpointing_and_bf16(world, tmp_path):
     np.testing.assert_allclose(bf16.losses, plain.losses, rtol=0.05)  # bf16 has 8 mantissa bits
     c = load_file(str(bf16.adapter))
     assert c["mapper.face_mapper.0.weight"].dtype == torch.float32  # weights stay fp32 under autocast
+
+
+@pytest.mark.heavy  # three interpreters start (launcher + 2 workers): about a minute on two cores
+def test_accelerate_launch_two_cpu_processes(world, tmp_path):
+    """The documented command line: `accelerate launch --multi_gpu --num_processes 2 -m infiniteid.cli train`
+    on a machine without CUDA runs two gloo processes, equal to one process with the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    one = train(config(world, tmp_path / "one", max_steps=2, batch_size=2), progress=False, log=lambda _m: None)
+    cfg = config(world, tmp_path / "two", max_steps=2, batch_size=1).to_dict()
+    (tmp_path / "train.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "infiniteid.cli", "train", str(tmp_path / "train.json"),
+           "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(r) for r in next((tmp_path / "two" / "logs").glob("*.jsonl")).read_text().splitlines()]
+    assert log[0]["processes"] == 2
+    np.testing.assert_allclose([r["loss"] for r in log if r["event"] == "step"], one.losses, rtol=1e-5)
+    assert_same_update(load_file(str(one.adapter)), load_file(str(tmp_path / "two" / "adapter.safetensors")),
+                       config(world, tmp_path))
