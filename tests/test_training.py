@@ -322,3 +322,22 @@ def test_accelerate_launch_two_cpu_processes(world, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in log if r["event"] == "step"], one.losses, rtol=1e-5)
     assert_same_update(load_file(str(one.adapter)), load_file(str(tmp_path / "two" / "adapter.safetensors")),
                        config(world, tmp_path))
+
+
+def test_sdxl_folder_layout_trains_like_the_tiny_model(world, tmp_path):
+    """model.kind 'sdxl' (diffusers folders + init_adapter), on the tiny model saved in SDXL's layout:
+    the same first losses as training the tiny model itself; without init_adapter a fresh mapper."""
+    from infiniteid.model.pipeline import InfiniteIDPipeline
+    from infiniteid.model.weights_folder import save_weight_folders
+
+    w = save_weight_folders(InfiniteIDPipeline.tiny(0).c, tmp_path / "weights")
+    tiny = train(config(world, tmp_path / "tiny", max_steps=1), progress=False, log=lambda _m: None)
+    model = {"kind": "sdxl", "base": str(w.base), "image_encoder": str(w.image_encoder)}
+    sdxl = train(config(world, tmp_path / "sdxl", max_steps=1, model={**model, "init_adapter": str(w.adapter)}),
+                 progress=False, log=lambda _m: None)
+    np.testing.assert_allclose(sdxl.losses, tiny.losses, rtol=1e-6)
+    fresh = train(config(world, tmp_path / "fresh", max_steps=1, model={**model, "face_tokens": 2}),
+                  progress=False, log=lambda _m: None)
+    assert load_file(str(fresh.adapter))["mapper.face_mapper.2.weight"].shape[0] == 2 * 64
+    with pytest.raises(ConfigError, match="needs model.base"):
+        config(world, tmp_path, model={"kind": "sdxl"})
