@@ -13,7 +13,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-COMMANDS = ("demo", "generate", "export", "inspect", "build", "check", "train", "evaluate")
+COMMANDS = ("demo", "generate", "export", "inspect", "build", "check", "train", "evaluate", "world")
 
 
 class UserError(Exception):

@@ -140,3 +140,13 @@ def test_evaluate_command_on_a_runtime_bundle(tmp_path, face_models):
         x = np.asarray(Image.open(tmp_path / "rt" / a["image"]), np.int16)
         y = np.asarray(Image.open(tmp_path / "ref" / b["image"]), np.int16)
         assert np.abs(x - y).max() <= 2
+
+
+def test_world_command(tmp_path, capsys):
+    assert main(["world", "--out", str(tmp_path / "w"), "--identities", "2", "--photos", "2", "--size", "64"]) == 0
+    assert len(list((tmp_path / "w" / "people").glob("person-*/*.png"))) == 4
+    assert (tmp_path / "w" / "face-models" / "synthetic_scrfd.onnx").is_file()
+    assert main(["world", "--out", str(tmp_path / "w")]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert main(["world", "--out", str(tmp_path / "x"), "--size", "32"]) == 1
+    assert "at least 64" in capsys.readouterr().err

@@ -27,7 +27,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ import torch
 from ..model.adapter import load_adapter, save_adapter
 from ..model.pipeline import Components
 from .config import ConfigError, ModelConfig, TrainConfig
-from .data import PreparedData, prepare_data
+from .data import prepare_data
 from .objective import IdentityTrainingModel, make_batch, micro_batch_ids
 
 CHECKPOINTS = "checkpoints"
@@ -297,6 +297,3 @@ def _versions() -> dict:
 
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "accelerate": accelerate.__version__}
 
-
-def describe_data(data: PreparedData) -> str:
-    return f"{len(data)} photos of {len(data.identities)} identities, {len(data.skipped)} skipped"
