@@ -254,7 +254,7 @@ def test_cli_trains_from_the_example_config(world, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
 
 
-@pytest.mark.heavy  # the export alone takes over a minute on two busy cores
+@pytest.mark.slow  # ~13 s on two idle cores (the export)
 def test_trained_adapter_exports_and_runs_through_the_runtime(world, tmp_path):
     """A trained adapter in the tiny model -> bundle -> onnxruntime, within 2/255 of the reference."""
     from infiniteid import generation as gen
@@ -299,7 +299,7 @@ def test_gradient_checkpointing_and_bf16(world, tmp_path):
     assert c["mapper.face_mapper.0.weight"].dtype == torch.float32  # weights stay fp32 under autocast
 
 
-@pytest.mark.heavy  # three interpreters start (launcher + 2 workers): about a minute on two cores
+@pytest.mark.slow  # ~16 s on two idle cores: three interpreters start (launcher + 2 workers)
 def test_accelerate_launch_two_cpu_processes(world, tmp_path):
     """The documented command line: `accelerate launch --multi_gpu --num_processes 2 -m infiniteid.cli train`
     on a machine without CUDA runs two gloo processes, equal to one process with the same global batch."""
