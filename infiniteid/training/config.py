@@ -120,7 +120,7 @@ class TrainConfig:
     global batch is ``batch_size x processes x grad_accum``. ``max_steps``:
     optimizer steps. ``id_dropout``: probability of replacing a sample's ``c_id``
     by the unconditional tokens (so classifier-free guidance works).
-    ``mixed_precision``: ``"no"``, ``"bf16"`` or ``"fp16"`` (fp16 needs a GPU).
+    ``mixed_precision``: ``"no"``, ``"bf16"`` or ``"fp16"`` (Accelerate's autocast; fp16 with loss scaling).
     ``gradient_checkpointing``: recompute U-Net activations in the backward pass.
     ``ema_decay``: keep an exponential moving average of the trainable weights
     (e.g. 0.999; ``null`` = off). ``checkpoint_every``: steps between checkpoints

@@ -109,20 +109,32 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True,
           log: Callable[[str], None] = print) -> TrainResult:
     """Run (or resume) the training described by ``cfg``; see the module docstring."""
     from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
     cfg.validate()
-    out = Path(cfg.output_dir)
     try:
         # Processes started by `accelerate launch --multi_gpu` / torchrun on a machine without
         # CUDA: CPU DDP over gloo (accelerate's own `--cpu` launcher needs MPI for >1 process).
         cpu_ddp = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
         acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu_ddp)
-    except ValueError as e:  # e.g. fp16 without a GPU
+    except ValueError as e:  # a precision this device cannot run
         raise ConfigError(f"mixed_precision={cfg.mixed_precision!r} cannot run here: {e}") from None
-    say = log if acc.is_main_process else (lambda _msg: None)
+    try:
+        return _run(acc, cfg, resume, progress, log if acc.is_main_process else (lambda _msg: None))
+    finally:
+        if acc.num_processes == 1:
+            # Accelerate keeps its state in a process-wide singleton; release it so that a
+            # later train() in this process (a notebook, a test) may use other settings.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _run(acc, cfg: TrainConfig, resume: Optional[str], progress: bool, say: Callable[[str], None]) -> TrainResult:
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    out = Path(cfg.output_dir)
     ckpt = resolve_resume(resume, out)
 
     components = build_components(cfg.model)
@@ -211,12 +223,6 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, progress: bool = True,
                           "seconds": round(time.perf_counter() - t0, 3)})
     acc.wait_for_everyone()
     acc.end_training()
-    if acc.num_processes == 1:
-        # Accelerate keeps its state in a process-wide singleton; release it so that a
-        # later train() in this process (a notebook, a test) may use other settings.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
     return result
 
 
