@@ -6,6 +6,7 @@ Extras follow the package map in the README:
   gpu     - TensorRT, polygraphy, Triton and cuda-python for NVIDIA GPU boxes
   serve   - the HTTP server, its metrics and Ray Serve scale-out (infiniteid serve / bench)
   calibrate - INT8/FP8 calibration of the U-Net (nvidia-modelopt on top of export)
+  train   - training (infiniteid train): export + Hugging Face Accelerate
   test    - what the test suite needs on top of runtime + export
 """
 import re
@@ -38,6 +39,8 @@ EXPORT = [
     "onnxslim>=0.1.40",
     "peft>=0.17",  # diffusers' LoRA backend: export --lora / generate --lora fuse LoRAs with it
 ]
+# Training (infiniteid train): Hugging Face Accelerate for DDP / multi-node, on top of export.
+TRAIN = ["accelerate>=1.0"]
 GPU = [
     "triton>=3.1",
     "polygraphy>=0.49",
@@ -76,7 +79,8 @@ setup(
         "gpu": GPU,
         "serve": SERVE,
         "calibrate": EXPORT + CALIBRATE,
-        "test": EXPORT + CALIBRATE + TEST,
+        "train": EXPORT + TRAIN,
+        "test": EXPORT + CALIBRATE + TRAIN + TEST,
     },
     entry_points={"console_scripts": ["infiniteid=infiniteid.cli:main"]},
 )

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 COMMANDS = (
     "demo", "generate", "export", "inspect", "build", "check", "selftest", "convert-adapter", "serve", "bench", "calibrate",
+    "train", "evaluate", "world",
 )
 
 

@@ -14,7 +14,7 @@ import torch
 from ..imageproc import ClipImageConfig
 from ..tokenize import PromptTokenizer, configure_padding
 from .adapter import AdapterError
-from .id_encoder import IDEncoder
+from .id_encoder import IDEncoder, IDEncoderConfig, build_mapper
 from .pipeline import Components
 from .processors import install_processors
 from .tiny import EOS, TINY_SCHEDULER_CONFIG, TinySizes, tiny_id_encoder, tiny_text_encoders, tiny_tokenizer, tiny_unet, tiny_vae
@@ -72,13 +72,17 @@ def load_prompt_tokenizer(folder: Path) -> PromptTokenizer:
 def load_components(
     base: Union[str, Path],
     image_encoder: Union[str, Path],
-    adapter: Union[str, Path],
+    adapter: Optional[Union[str, Path]],
     face_models: Optional[Union[str, Path]] = None,
     kind: str = "auto",
+    face_tokens: int = 4,
 ) -> Components:
     """SDXL from a diffusers folder, the CLIP image encoder, and an ID adapter file: this
     project's format or a published IP-Adapter face file (``kind``: see
-    :mod:`infiniteid.model.public_adapter`; ``auto`` reads it from the file)."""
+    :mod:`infiniteid.model.public_adapter`; ``auto`` reads it from the file).
+
+    ``adapter=None`` gives a freshly initialised Infinite-ID mapper (``face_tokens``
+    face tokens) and ``attn2`` projections: the starting point of training."""
     from .public_adapter import load_id_module
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -101,7 +105,11 @@ def load_components(
         raise WeightsError(f"cannot load weights: {e}") from None
 
     install_processors(unet)
-    mapper = load_id_module(adapter, unet, kind)
+    if adapter is None:
+        mapper = build_mapper(IDEncoderConfig(cross_attention_dim=unet.config.cross_attention_dim,
+                                              clip_dim=vision.config.hidden_size, face_tokens=face_tokens))
+    else:
+        mapper = load_id_module(adapter, unet, kind)
     cfg = mapper.config
     if cfg.uses_clip and cfg.clip_dim != vision.config.hidden_size:
         raise AdapterError(
@@ -128,5 +136,5 @@ def load_components(
         clip_image=ClipImageConfig.from_folder(enc_dir, vision.config.image_size),
         face=face,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
-        sources={"base": str(base), "image_encoder": str(enc_dir), "adapter": str(adapter)},
+        sources={"base": str(base), "image_encoder": str(enc_dir), "adapter": str(adapter) if adapter else "fresh"},
     )
