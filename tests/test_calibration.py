@@ -280,7 +280,7 @@ def test_a_quantized_bundle_generates_through_the_torch_free_runtime(world, quan
 
     request = gen.GenerationRequest(prompt=PROMPTS[1], faces=[str(world["faces"][0])], seed=3)
     settings = gen.BatchSettings(height=128, width=128, steps=STEPS)
-    reference = world["pipe"].generate([request], settings, progress=False).images[0].astype(np.float64)
+    reference = world["pipe"].generate([request], settings, progress=False).arrays[0].astype(np.float64)
     for precision in ("int8", "fp8"):
         rt = Runtime(quantized[precision][1], backend="ort", face_models=world["models"])
         try:

@@ -280,7 +280,7 @@ def test_trained_adapter_exports_and_runs_through_the_runtime(world, tmp_path):
         ours = rt.generate(req, settings, progress=False)
     finally:
         rt.close()
-    diff = np.abs(ours.arrays[0].astype(np.int16) - ref.images[0].astype(np.int16)).max()
+    diff = np.abs(ours.arrays[0].astype(np.int16) - ref.arrays[0].astype(np.int16)).max()
     assert diff <= 2, f"max pixel difference {diff}/255"
 
 

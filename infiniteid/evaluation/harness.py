@@ -131,11 +131,9 @@ def evaluate(
     for name, path, prompt, seed in tqdm(jobs, desc="evaluating", disable=not progress):
         req = gen.GenerationRequest(prompt=prompt, faces=[str(path)], seed=seed, guidance=guidance)
         out = backend.generate([req], settings, progress=False)
-        # The runtime gives PIL images and numpy ``arrays``; the reference numpy ``images``.
-        ids = getattr(out, "arrays", None) or out.images
-        texts = getattr(out, "text_arrays", None) or getattr(out, "text_images", None)
-        images.append(np.asarray(ids[0]))
-        text_images.append(np.asarray(texts[0]) if texts else None)
+        # The runtime and the reference both give PIL ``images`` and uint8 ``arrays``.
+        images.append(np.asarray(out.arrays[0]))
+        text_images.append(np.asarray(out.text_arrays[0]) if out.text_arrays else None)
         rows.append(EvalRow(identity=name, reference=str(path), prompt=prompt, seed=seed))
 
     ref_list = [refs[r.identity] for r in rows]
