@@ -139,7 +139,7 @@ def _free_port() -> int:
 def _ddp_worker(cfg_dict):
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked from a process that trained alone
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh state in each worker process
     train(TrainConfig.from_dict(cfg_dict), progress=False, log=lambda _m: None)
 
 
@@ -149,13 +149,18 @@ def test_two_cpu_processes_equal_one_process(world, tmp_path):
     from accelerate.utils import patch_environment
     from torch.multiprocessing import start_processes
 
-    one = train(config(world, tmp_path / "one", max_steps=3, batch_size=2), progress=False, log=lambda _m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker runs (OMP_NUM_THREADS=1): the same kernels, so only the reduction order differs
+    try:
+        one = train(config(world, tmp_path / "one", max_steps=3, batch_size=2), progress=False, log=lambda _m: None)
+    finally:
+        torch.set_num_threads(threads)
     two_cfg = config(world, tmp_path / "two", max_steps=3, batch_size=1)
     with patch_environment(world_size=2, master_addr="127.0.0.1", master_port=str(_free_port()),
                            accelerate_use_cpu="yes", accelerate_mixed_precision="no",
                            gloo_socket_ifname="lo", omp_num_threads=1):
         start_processes(PrepareForLaunch(_ddp_worker, distributed_type="MULTI_CPU"), args=(two_cfg.to_dict(),),
-                        nprocs=2, start_method="fork")
+                        nprocs=2, start_method="spawn")  # fork after the parent trained deadlocks in OpenMP
     log = next((tmp_path / "two" / "logs").glob("*.jsonl")).read_text().splitlines()
     start = json.loads(log[0])
     assert start["processes"] == 2 and start["global_batch"] == 2
