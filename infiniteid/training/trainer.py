@@ -34,6 +34,7 @@ import torch
 
 from ..model.adapter import load_adapter, save_adapter
 from ..model.pipeline import Components
+from ..model.weights_file import load_weights_file
 from .config import ConfigError, ModelConfig, TrainConfig
 from .data import prepare_data
 from .objective import IdentityTrainingModel, make_batch, micro_batch_ids
@@ -161,7 +162,7 @@ def _run(acc, cfg: TrainConfig, resume: Optional[str], progress: bool, say: Call
 
     step = 0
     if ckpt is not None:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        state = load_weights_file(ckpt / STATE_FILE)  # weights-only unpickling: the state is plain data
         step = _restore(state, optimizer, lr_schedule, ema)
         say(f"resumed from {ckpt} at step {step}")
     result = TrainResult(step=step, skipped=len(data.skipped))
@@ -235,9 +236,17 @@ def _restore(state: dict, optimizer, lr_schedule, ema) -> int:
         ema.load_state_dict(state["ema"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    n = rng["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     random.setstate(rng["python"])
     return int(state["step"])
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state as tensors and numbers, so the checkpoint loads with the weights-only unpickler."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
 
 
 def _save_checkpoint(out: Path, step: int, model, optimizer, lr_schedule, ema, cfg: TrainConfig) -> Path:
@@ -252,7 +261,7 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, lr_schedule, ema, c
         "optimizer": optimizer.state_dict(),
         "lr_schedule": lr_schedule.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()},
         "config": cfg.to_dict(),
     }, tmp / STATE_FILE)
     if final.exists():
