@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import UserError
-from .export import add_shape_arguments
+from .export import add_shape_arguments, shape_options
 
 EPILOG = """\
 examples:
@@ -132,18 +132,7 @@ def _configs(args: argparse.Namespace):
 def _export_options(args: argparse.Namespace):
     from ..export import ExportOptions
 
-    opts = ExportOptions(
-        precision=args.base_precision,
-        height=args.height,
-        width=args.width,
-        min_resolution=args.min_resolution,
-        max_resolution=args.max_resolution,
-        max_batch=args.max_batch,
-        opt_batch=args.opt_batch,
-        max_identities=args.max_identities,
-        mixed_attention=not args.no_mixed_attention,
-        adain=not args.no_adain,
-    )
+    opts = ExportOptions(precision=args.base_precision, **shape_options(args))
     opts.validate()
     return opts
 

@@ -121,12 +121,9 @@ def add_shape_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-identities", type=int, default=2, help="most faces one request may mix (default 2)")
 
 
-def options_from_args(args: argparse.Namespace):
-    from ..export import ExportOptions
-
-    opts = ExportOptions(
-        precision=args.precision,
-        vae_precision=args.vae_precision,
+def shape_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """``ExportOptions`` fields from :func:`add_shape_arguments` and the ablation switches."""
+    return dict(
         height=args.height,
         width=args.width,
         min_resolution=args.min_resolution,
@@ -136,6 +133,16 @@ def options_from_args(args: argparse.Namespace):
         max_identities=args.max_identities,
         mixed_attention=not args.no_mixed_attention,
         adain=not args.no_adain,
+    )
+
+
+def options_from_args(args: argparse.Namespace):
+    from ..export import ExportOptions
+
+    opts = ExportOptions(
+        precision=args.precision,
+        vae_precision=args.vae_precision,
+        **shape_options(args),
         attention_plugin=args.attention_plugin,
         opset=args.opset,
         slim=not args.no_slim,
