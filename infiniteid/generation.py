@@ -13,7 +13,7 @@ as one sub-batch per face count (:func:`identity_groups`), results in request or
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,6 +86,17 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """VAE output in [-1, 1], ``(N, 3, H, W)`` -> uint8 ``(N, H, W, 3)``, as diffusers rounds it."""
     x = np.clip(images.astype(np.float32) / 2 + 0.5, 0.0, 1.0)
     return (x.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+
+
+def image_fields(arrays: List[np.ndarray], text_arrays: Optional[List[np.ndarray]]) -> Dict[str, Any]:
+    """The image fields of every generator's output (the reference's and the runtime's alike):
+    PIL ``images`` and uint8 ``(H, W, 3)`` ``arrays`` of the ID stream, and of the text stream when asked for."""
+    from PIL import Image
+
+    def pil(xs):
+        return None if xs is None else [Image.fromarray(a) for a in xs]
+
+    return {"images": pil(arrays), "arrays": arrays, "text_images": pil(text_arrays), "text_arrays": text_arrays}
 
 
 @dataclass

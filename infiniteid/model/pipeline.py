@@ -77,11 +77,6 @@ class GenerationOutput:
     latents: Optional[torch.Tensor] = None
 
 
-def _to_pil(arrays: Sequence[np.ndarray]) -> List[Any]:
-    from PIL import Image
-
-    return [Image.fromarray(a) for a in arrays]
-
 
 class InfiniteIDPipeline:
     """Two-stream SDXL with Infinite-ID's processors. See the module docstring."""
@@ -245,10 +240,7 @@ class InfiniteIDPipeline:
         arrays = self.decode(id_latents)
         text_arrays = self.decode(text_latents) if settings.return_text_stream else None
         return GenerationOutput(
-            images=_to_pil(arrays),
-            arrays=arrays,
-            text_images=_to_pil(text_arrays) if text_arrays is not None else None,
-            text_arrays=text_arrays,
+            **gen.image_fields(arrays, text_arrays),
             latents=latents,
         )
 

@@ -73,11 +73,6 @@ class RuntimeOutput:
     timings: Dict[str, float] = field(default_factory=dict)
 
 
-def _to_pil(arrays: Sequence[np.ndarray]) -> List[Any]:
-    from PIL import Image
-
-    return [Image.fromarray(a) for a in arrays]
-
 
 def _as_face_input(face: Any) -> Optional[FaceInput]:
     """A precomputed face (duck-typed), or None when ``face`` is an image to detect in."""
@@ -365,10 +360,7 @@ class Runtime:
         text_arrays = self.decode(text_latents) if settings.return_text_stream else None
         timings["decode"] = time.perf_counter() - t0
         return RuntimeOutput(
-            images=_to_pil(arrays),
-            arrays=arrays,
-            text_images=_to_pil(text_arrays) if text_arrays is not None else None,
-            text_arrays=text_arrays,
+            **gen.image_fields(arrays, text_arrays),
             latents=latents,
             timings=timings,
         )
