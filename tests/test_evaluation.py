@@ -150,3 +150,22 @@ def test_world_command(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert main(["world", "--out", str(tmp_path / "x"), "--size", "32"]) == 1
     assert "at least 64" in capsys.readouterr().err
+
+
+def test_world_exclude_draws_only_new_people(tmp_path, capsys):
+    """A held-out set of people never seen in training: 640 of the 648 people are taken, so the
+    8 left must be exactly the ones drawn; one more is an error, as is a folder without world.json."""
+    assert main(["world", "--out", str(tmp_path / "train"), "--identities", "640", "--photos", "1", "--size", "64"]) == 0
+    assert main(["world", "--out", str(tmp_path / "new"), "--identities", "8", "--photos", "1", "--size", "64",
+                 "--exclude", str(tmp_path / "train"), "--seed", "5"]) == 0
+    seen = set(W.world_identities(tmp_path / "train" / "people"))
+    new = W.world_identities(tmp_path / "new" / "people")
+    assert len(seen) == 640 and len(new) == 8 and not seen & set(new)
+    assert len(seen | set(new)) == W.distinct_identities() == 648
+    capsys.readouterr()
+    assert main(["world", "--out", str(tmp_path / "x"), "--identities", "9", "--exclude", str(tmp_path / "train")]) == 1
+    assert "at most 8" in capsys.readouterr().err
+    assert main(["world", "--out", str(tmp_path / "y"), "--exclude", str(tmp_path / "nothing")]) == 1
+    assert "no world.json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="besides the excluded"):
+        W.write_world(tmp_path / "z", identities=9, photos=1, size=64, exclude=list(seen))

@@ -16,6 +16,7 @@ EPILOG = """\
 examples:
   infiniteid world --out world                       # 16 people x 6 photos, 128x128
   infiniteid world --out world --identities 4 --photos 3 --size 64 --seed 1
+  infiniteid world --out heldout --identities 12 --photos 1 --seed 99 --exclude world   # new people only
 """
 
 
@@ -27,6 +28,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--photos", type=int, default=6, help="photos per person (default 6)")
     p.add_argument("--size", type=int, default=128, help="square picture side in pixels (default 128, at least 64)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--exclude", type=Path, default=None, metavar="WORLD",
+                   help="another world's folder: none of its people are drawn (a held-out set of new people)")
     p.set_defaults(run=run)
 
 
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import world as W
     from ..face import write_synthetic_face_models
 
-    distinct = len(W.SKIN) * len(W.FACE_SHAPES) * len(W.HAIR) * len(W.HAIR_STYLES) * len(W.EYES) * 2
+    distinct = W.distinct_identities()
     if not 1 <= args.identities <= distinct:
         raise UserError(f"--identities must be between 1 and {distinct} (the distinct people the world can draw)")
     if args.photos < 1:
@@ -44,8 +47,27 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--size must be at least 64 pixels (the face detector's minimum), got {args.size}")
     if (args.out / "people").exists():
         raise UserError(f"{args.out / 'people'} exists; choose another --out")
-    people = W.write_world(args.out / "people", args.identities, args.photos, args.size, args.seed)
+    exclude = _excluded(args.exclude, UserError)
+    if args.identities > distinct - len(exclude):
+        raise UserError(f"--identities must be at most {distinct - len(exclude)}: the world draws {distinct} people "
+                        f"and --exclude takes {len(exclude)} of them")
+    people = W.write_world(args.out / "people", args.identities, args.photos, args.size, args.seed, exclude=exclude)
     faces = write_synthetic_face_models(args.out / "face-models")
     print(f"wrote {args.identities * args.photos} photos of {args.identities} people to {people} "
           f"and the synthetic face models to {faces}")
     return 0
+
+
+def _excluded(folder, error) -> list:
+    """The people of the world at ``folder`` (``folder`` or ``folder/people`` holds ``world.json``)."""
+    from ..evaluation import world as W
+
+    if folder is None:
+        return []
+    for f in (folder, folder / "people"):
+        if (f / "world.json").is_file():
+            try:
+                return W.world_identities(f)
+            except (ValueError, KeyError, TypeError) as e:
+                raise error(f"--exclude: {f / 'world.json'} is not a world description: {e}") from None
+    raise error(f"--exclude: no world.json in {folder} or {folder / 'people'} (a folder written by infiniteid world)")

@@ -207,17 +207,21 @@ def attribute_accuracy(measured: Sequence[Dict[str, object]], wanted: Sequence[D
 # -- writing --------------------------------------------------------------------------
 
 def write_world(folder, identities: int = 8, photos: int = 4, size: int = 128, seed: int = 0,
-                jitter: float = 0.01) -> Path:
-    """``folder/<person-NN>/<k>.png`` + ``.txt`` captions, and ``folder/world.json``."""
+                jitter: float = 0.01, exclude: Sequence[Identity] = ()) -> Path:
+    """``folder/<person-NN>/<k>.png`` + ``.txt`` captions, and ``folder/world.json``.
+    ``exclude``: people never drawn (e.g. a training world's, so that a held-out set is new)."""
     from PIL import Image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    left = distinct_identities() - len(set(exclude))
+    if identities > left:
+        raise ValueError(f"the world draws {left} people besides the excluded ones; {identities} asked")
     people: List[Identity] = []
     while len(people) < identities:  # distinct people
         p = Identity.random(rng)
-        if p not in people:
+        if p not in people and p not in exclude:
             people.append(p)
     records = []
     for i, person in enumerate(people):
@@ -231,6 +235,17 @@ def write_world(folder, identities: int = 8, photos: int = 4, size: int = 128, s
             records.append({"path": str(name.relative_to(folder)), "identity": asdict(person), "scene": asdict(scene)})
     (folder / "world.json").write_text(json.dumps({"size": size, "seed": seed, "photos": records}, indent=1))
     return folder
+
+
+def distinct_identities() -> int:
+    """How many different people the world can draw."""
+    return len(SKIN) * len(FACE_SHAPES) * len(HAIR) * len(HAIR_STYLES) * len(EYES) * 2
+
+
+def world_identities(folder) -> List[Identity]:
+    """The people of a world written by :func:`write_world` (its ``world.json``)."""
+    photos = json.loads((Path(folder) / "world.json").read_text())["photos"]
+    return list(dict.fromkeys(identity_from_dict(p["identity"]) for p in photos))
 
 
 def identity_from_dict(d: dict) -> Identity:
