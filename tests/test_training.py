@@ -336,7 +336,9 @@ def test_sdxl_folder_layout_trains_like_the_tiny_model(world, tmp_path):
     from infiniteid.model.weights_folder import save_weight_folders
 
     w = save_weight_folders(InfiniteIDPipeline.tiny(0).c, tmp_path / "weights")
-    tiny = train(config(world, tmp_path / "tiny", max_steps=1), progress=False, log=lambda _m: None)
+    # The tiny model's own seeded adapter (ip_init random) is the adapter saved beside the folders.
+    tiny = train(config(world, tmp_path / "tiny", max_steps=1, model={"ip_init": "random"}), progress=False,
+                 log=lambda _m: None)
     model = {"kind": "sdxl", "base": str(w.base), "image_encoder": str(w.image_encoder)}
     sdxl = train(config(world, tmp_path / "sdxl", max_steps=1, model={**model, "init_adapter": str(w.adapter)}),
                  progress=False, log=lambda _m: None)
@@ -346,3 +348,32 @@ def test_sdxl_folder_layout_trains_like_the_tiny_model(world, tmp_path):
     assert load_file(str(fresh.adapter))["mapper.face_mapper.2.weight"].shape[0] == 2 * 64
     with pytest.raises(ConfigError, match="needs model.base"):
         config(world, tmp_path, model={"kind": "sdxl"})
+
+
+def test_fresh_adapters_start_from_the_text_projections(tmp_path):
+    """IP-Adapter's training starts to_k_ip/to_v_ip as copies of attn2's to_k/to_v; ip_init
+    'random' keeps the seeded init; an init_adapter's weights are never overwritten."""
+    from diffusers.models.attention_processor import Attention
+
+    from infiniteid.model.processors import IDCrossAttnProcessor
+    from infiniteid.training.config import ModelConfig
+
+    def layers(c):
+        return [(m, m.processor) for m in c.unet.modules()
+                if isinstance(m, Attention) and isinstance(getattr(m, "processor", None), IDCrossAttnProcessor)]
+
+    text = build_components(ModelConfig())
+    assert len(layers(text)) == 8
+    for attn, proc in layers(text):
+        assert torch.equal(proc.to_k_ip.weight, attn.to_k.weight) and torch.equal(proc.to_v_ip.weight, attn.to_v.weight)
+    rand = build_components(ModelConfig(ip_init="random"))
+    for attn, proc in layers(rand):
+        assert not torch.allclose(proc.to_k_ip.weight, attn.to_k.weight)
+    from infiniteid.model.adapter import save_adapter
+
+    save_adapter(tmp_path / "a.safetensors", rand.id_encoder.mapper, rand.unet)
+    loaded = build_components(ModelConfig(init_adapter=str(tmp_path / "a.safetensors")))
+    for (_, p_loaded), (_, p_rand) in zip(layers(loaded), layers(rand)):
+        assert torch.equal(p_loaded.to_k_ip.weight, p_rand.to_k_ip.weight)
+    with pytest.raises(ConfigError, match="ip_init must be 'text' or 'random'"):
+        ModelConfig(ip_init="copy").validate()

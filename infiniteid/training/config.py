@@ -66,7 +66,10 @@ class ModelConfig:
     SDXL folder; ``image_encoder``: a transformers CLIP vision folder).
     ``init_adapter``: an adapter file to start from (default: fresh mapper and
     projections). ``face_tokens``: the face mapper's token count ``n`` for a fresh
-    adapter. The SDXL weights, text encoders, VAE and CLIP image encoder stay frozen.
+    adapter. ``ip_init``: how a fresh adapter's ``to_k_ip``/``to_v_ip`` start:
+    ``"text"`` (copies of each ``attn2``'s ``to_k``/``to_v``, as IP-Adapter's training
+    does: the identity tokens are read like text from the first step) or ``"random"``.
+    The SDXL weights, text encoders, VAE and CLIP image encoder stay frozen.
     """
 
     kind: str = "tiny"
@@ -75,8 +78,11 @@ class ModelConfig:
     image_encoder: Optional[str] = None
     init_adapter: Optional[str] = None
     face_tokens: int = 4
+    ip_init: str = "text"
 
     def validate(self) -> None:
+        if self.ip_init not in ("text", "random"):
+            raise ConfigError(f"model.ip_init must be 'text' or 'random', got {self.ip_init!r}")
         if self.kind not in ("tiny", "sdxl"):
             raise ConfigError(f"model.kind must be 'tiny' or 'sdxl', got {self.kind!r}")
         if self.kind == "sdxl" and not (self.base and self.image_encoder):

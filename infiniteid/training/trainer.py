@@ -59,17 +59,39 @@ def build_components(cfg: ModelConfig) -> Components:
     from ..model.loading import load_components, tiny_components
 
     if cfg.kind == "sdxl":
-        return load_components(cfg.base, cfg.image_encoder, cfg.init_adapter, face_tokens=cfg.face_tokens)
-    c = tiny_components(cfg.seed)
-    if cfg.init_adapter:
-        c.id_encoder.mapper = load_adapter(cfg.init_adapter, c.unet)
-    elif cfg.face_tokens != c.id_encoder.mapper.config.face_tokens:
-        mcfg = c.id_encoder.mapper.config
-        mcfg.face_tokens = cfg.face_tokens
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            c.id_encoder.mapper = build_mapper(mcfg)
+        c = load_components(cfg.base, cfg.image_encoder, cfg.init_adapter, face_tokens=cfg.face_tokens)
+    else:
+        c = tiny_components(cfg.seed)
+        if cfg.init_adapter:
+            c.id_encoder.mapper = load_adapter(cfg.init_adapter, c.unet)
+        elif cfg.face_tokens != c.id_encoder.mapper.config.face_tokens:
+            mcfg = c.id_encoder.mapper.config
+            mcfg.face_tokens = cfg.face_tokens
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                c.id_encoder.mapper = build_mapper(mcfg)
+    if not cfg.init_adapter and cfg.ip_init == "text":
+        ip_from_text(c.unet)
     return c
+
+
+@torch.no_grad()
+def ip_from_text(unet: torch.nn.Module) -> int:
+    """Every ``attn2``'s ``to_k_ip``/``to_v_ip`` := its ``to_k``/``to_v`` (IP-Adapter's
+    training starts so: the mapper's tokens live in the text tokens' space, so the frozen
+    attention reads them from the first step). Returns the number of layers set."""
+    from diffusers.models.attention_processor import Attention
+
+    from ..model.processors import IDCrossAttnProcessor
+
+    n = 0
+    for module in unet.modules():
+        proc = getattr(module, "processor", None)
+        if isinstance(module, Attention) and isinstance(proc, IDCrossAttnProcessor):
+            proc.to_k_ip.weight.copy_(module.to_k.weight)
+            proc.to_v_ip.weight.copy_(module.to_v.weight)
+            n += 1
+    return n
 
 
 def vae_encoder(vae: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
