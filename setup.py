@@ -70,7 +70,8 @@ setup(
     version=VERSION,
     description="Deployment runtime for Infinite-ID identity-preserving SDXL: ONNX, TensorRT, Triton kernels",
     packages=find_packages(include=["infiniteid", "infiniteid.*"]),
-    package_data={"infiniteid": ["data/*"]},
+    # data/world-model: the demo's model (SDXL folder layout, under 20 MB), three folders deep.
+    package_data={"infiniteid": ["data/*", "data/world-model/*", "data/world-model/*/*", "data/world-model/*/*/*"]},
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={
