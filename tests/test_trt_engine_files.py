@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,11 @@ def test_build_command_reproduces_the_flags():
     assert build_command("b", dyn) == \
         "infiniteid build b --shapes dynamic --opt-level 3 --workspace 8 --timing-cache /c/t.cache --version-compatible"
     assert build_command("b") == "infiniteid build b --shapes static"
+    # A sidecar is a file: whatever text it holds is printed quoted, never as shell syntax.
+    evil = {"precision": "fp16; rm -rf ~", "shapes": "static", "height": "1024 && x", "workspace_gb": "8 | y"}
+    line = build_command("b", evil)
+    assert line == "infiniteid build b --precision 'fp16; rm -rf ~' --shapes static --height '1024 && x' --workspace '8 | y'"
+    assert shlex.split(line)[4] == "fp16; rm -rf ~"
 
 
 def test_version_rules():

@@ -67,25 +67,29 @@ class Target:
 
 
 def build_command(bundle: Any, flags: Optional[Mapping[str, Any]] = None) -> str:
-    """The ``infiniteid build`` command line for ``flags`` (as stored in a sidecar's ``build``)."""
+    """The ``infiniteid build`` command line for ``flags`` (as stored in a sidecar's ``build``).
+    Every value is shell-quoted: a sidecar is a file on disk, and its text is printed for a user
+    to paste into a shell."""
     f = dict(flags or {})
-    parts = ["infiniteid", "build", shlex.quote(str(bundle))]
+    q = lambda v: shlex.quote(str(v))  # noqa: E731
+    parts = ["infiniteid", "build", q(bundle)]
     if f.get("precision"):
-        parts += ["--precision", str(f["precision"])]
+        parts += ["--precision", q(f["precision"])]
     shapes = f.get("shapes", "static")
-    parts += ["--shapes", str(shapes)]
+    parts += ["--shapes", q(shapes)]
     if shapes == "static":
         for key in ("height", "width", "images"):
             if f.get(key) is not None:
-                parts += [f"--{key}", str(f[key])]
+                parts += [f"--{key}", q(f[key])]
         if f.get("cfg") is False:
             parts.append("--no-cfg")
     if f.get("opt_level") is not None:
-        parts += ["--opt-level", str(f["opt_level"])]
+        parts += ["--opt-level", q(f["opt_level"])]
     if f.get("workspace_gb"):
-        parts += ["--workspace", f"{f['workspace_gb']:g}"]
+        ws = f["workspace_gb"]
+        parts += ["--workspace", f"{ws:g}" if isinstance(ws, (int, float)) else q(ws)]
     if f.get("timing_cache"):
-        parts += ["--timing-cache", shlex.quote(str(f["timing_cache"]))]
+        parts += ["--timing-cache", q(f["timing_cache"])]
     if f.get("version_compatible"):
         parts.append("--version-compatible")
     return " ".join(parts)
