@@ -90,7 +90,7 @@ def test_inspect(bundle_dir, capsys):
     for name in COMPONENTS:
         assert name in text
     for word in ("precision", "fp32", "noise_pred", "(16, 4, 24, 24)", "tokenizer/tokenizer.json", "scheduler",
-                 "scaled_linear", "onnxruntime", "engines    none"):
+                 "scaled_linear", "onnxruntime", "engines    none", "adapter    kind infiniteid, face_tokens=4"):
         assert word in text, word
     assert main(["inspect", str(bundle_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["components"].keys() == set(COMPONENTS)

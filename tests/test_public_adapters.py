@@ -165,6 +165,9 @@ def test_export_and_runtime_match_diffusers(world, reference, kind):
     assert (enc.min[1], enc.max[1]) == (tokens, tokens)
     unet = manifest.components["unet"].tensor("id_embeds")
     assert (unet.min[1], unet.opt[1], unet.max[1]) == (tokens, tokens, 2 * tokens)
+    from infiniteid.commands.inspect import render
+
+    assert f"adapter    kind {kind}," in render(out, manifest)  # inspect names the adapter's kind
     rt = Runtime(out, backend="ort", intra_op_threads=2)
     try:
         req = gen.GenerationRequest(PROMPT, faces=[world["face"]], guidance=GUIDANCE, seed=3)

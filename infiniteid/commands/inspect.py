@@ -93,6 +93,14 @@ def _face_models_line(fm: Any) -> str:
     return f"{path} ({files}); a user folder outside the bundle, {rule}"
 
 
+def _adapter_line(cfg: Any) -> str:
+    """The ID module: its kind (infiniteid, ip-adapter-plus-face, ...) and token layout."""
+    if not isinstance(cfg, dict):
+        return "(not recorded)"
+    keys = ("face_tokens", "clip_mapper", "cross_attention_dim", "clip_dim")
+    return f"kind {cfg.get('kind', 'infiniteid')}, " + ", ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+
+
 def engines(bundle: Path) -> List[List[str]]:
     """One row per ``engines/<target>/<component>.plan``, with what its JSON sidecar says."""
     rows: List[List[str]] = []
@@ -130,6 +138,7 @@ def render(bundle: Path, manifest: Any) -> str:
     parts.append(f"format     {m.format} v{m.format_version}" + (f", created {m.created}" if m.created else ""))
     model = ", ".join(f"{k}={v}" for k, v in sorted(m.model.items()) if not isinstance(v, (dict, list)))
     parts.append(f"model      {model}")
+    parts.append(f"adapter    {_adapter_line(m.model.get('id_encoder'))}")
     res = ", ".join(f"{k}={v}" for k, v in sorted((m.resolution or {}).items()))
     parts.append(f"resolution {res}; max images per batch {m.max_images}")
     parts.append(f"face models {_face_models_line(m.face_models)}")
