@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: train the world model (benchmarks/world_model.py) in a time box
-# and bring back what evaluation needs as two archives (a call brings back at most 8 files of
-# at most 16 MiB, two folders deep): OUT_DIR/model.tgz (the base, the image encoder, the report,
-# the logs) and OUT_DIR/adapters.tgz (every variant's last checkpointed adapter and its JSON log).
+# Train the world model (benchmarks/world_model.py) on a GPU box in one time-boxed go and pack
+# what evaluation needs into two archives small enough to copy back (under 16 MiB each):
+# OUT_DIR/model.tgz (the base, the image encoder, the report, every run's console log) and
+# OUT_DIR/adapters.tgz (every variant's last checkpointed adapter and its JSON log).
 # The training and held-out worlds are not brought back: they are drawn again from their seeds.
 # Usage: bash benchmarks/world_model_device.sh OUT_DIR [SECONDS [WORLD_MODEL_ARGS...]]
 #   (wheels for missing packages in .whl/; the default arguments are the run of 2026-11-30)
