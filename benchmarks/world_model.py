@@ -159,7 +159,6 @@ def train_unet(c, latents, captions, args, dev, say) -> Dict[str, float]:
     empty = index[""]
     unet = c.unet.to(dev).train()
     sched = DDPMScheduler.from_config(c.scheduler_config)
-    alphas = sched.alphas_cumprod.to(dev)
     params = [p for n, p in unet.named_parameters() if "_ip." not in n]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     time_ids = torch.from_numpy(sdxl_time_ids(args.size, args.size)).to(dev)
@@ -174,9 +173,7 @@ def train_unet(c, latents, captions, args, dev, say) -> Dict[str, float]:
         k = torch.where(torch.rand(n, device=dev, generator=g) < 0.1, empty, cap[i])
         noise = torch.randn(lat.shape, device=dev, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (n,), device=dev, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
-        pred = unet(noisy, t, encoder_hidden_states=embeds[k],
+        pred = unet(sched.add_noise(lat, noise, t), t, encoder_hidden_states=embeds[k],
                     added_cond_kwargs={"text_embeds": pooled[k], "time_ids": time_ids.expand(n, -1)}).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -216,7 +213,7 @@ def train_config(v: Dict[str, object], out: Path, model: Path, world: Path, cach
     }
 
 
-def run_train(cfg_file: Path, seconds: Optional[float], log: Path) -> subprocess.Popen:
+def run_train(cfg_file: Path, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "infiniteid.cli", "train", str(cfg_file), "--no-progress"]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
 
@@ -235,7 +232,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     def save_report() -> None:
         (out / "report.json").write_text(json.dumps(report, indent=1))
 
-    from infiniteid.commands.world import run as write_world_cmd  # noqa: F401  (imports the package early)
     from infiniteid.evaluation import world as W
     from infiniteid.face import write_synthetic_face_models
 
@@ -293,7 +289,7 @@ def _stage_3(args, variants, model: Path, world: Path, out: Path, report, say, s
     cfg["max_steps"] = 1
     (out / "prepare.json").write_text(json.dumps(cfg, indent=1))
     t0 = time.time()
-    rc = run_train(out / "prepare.json", None, out / "prepare.log").wait()
+    rc = run_train(out / "prepare.json", out / "prepare.log").wait()
     report["id_data_seconds"] = time.time() - t0
     say(f"prepared the ID data ({rc=}) in {report['id_data_seconds']:.0f}s")
     if rc != 0:
@@ -305,7 +301,7 @@ def _stage_3(args, variants, model: Path, world: Path, out: Path, report, say, s
         d = out / f"id-{v['name']}"
         cfg = train_config(v, d, model, world, cache, args.size)
         (out / f"id-{v['name']}.json").write_text(json.dumps(cfg, indent=1))
-        procs[v["name"]] = run_train(out / f"id-{v['name']}.json", args.id_seconds, out / f"id-{v['name']}.log")
+        procs[v["name"]] = run_train(out / f"id-{v['name']}.json", out / f"id-{v['name']}.log")
     time.sleep(args.id_seconds)
     for p in procs.values():
         p.send_signal(signal.SIGTERM)
