@@ -17,7 +17,8 @@ from infiniteid.face import write_synthetic_face_models
 from infiniteid.model.adapter import load_adapter
 from infiniteid.training import ConfigError, TrainConfig
 from infiniteid.training.data import DataError, prepare_data
-from infiniteid.training.objective import IdentityTrainingModel, make_batch
+from infiniteid.training.config import TimestepSampling
+from infiniteid.training.objective import IdentityTrainingModel, draw_timestep, make_batch
 from infiniteid.training.trainer import build_components, train, vae_encoder
 
 RES = 64
@@ -235,6 +236,10 @@ def test_config_errors_name_the_key(world, tmp_path, capsys):
         config(world, tmp_path, batch_size="2")
     with pytest.raises(ConfigError, match="mixed_precision must be"):
         config(world, tmp_path, mixed_precision="fp8")
+    with pytest.raises(ConfigError, match="timestep_sampling must be 'uniform' or 'logit_normal', got 'cubic'"):
+        config(world, tmp_path, timestep_sampling="cubic")
+    with pytest.raises(ConfigError, match="logit_std must be > 0"):
+        config(world, tmp_path, timestep_sampling="logit_normal", logit_std=0)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"output_dir": "o", "data": {"root": "r", "face_models": "f", "resolutoin": 64}}))
     assert main(["train", str(bad)]) == 1
@@ -377,3 +382,20 @@ def test_fresh_adapters_start_from_the_text_projections(tmp_path):
         assert torch.equal(p_loaded.to_k_ip.weight, p_rand.to_k_ip.weight)
     with pytest.raises(ConfigError, match="ip_init must be 'text' or 'random'"):
         ModelConfig(ip_init="copy").validate()
+
+
+def test_timestep_sampling_uniform_is_the_old_draw_and_logit_normal_follows_its_density():
+    """Uniform keeps the draws every earlier run made (one ``integers(T)`` per sample);
+    logit-normal puts the median at ``T * sigmoid(logit_mean)``. Bound: the median of
+    4000 draws has a standard error of about 0.004 (density of t/T there ~2.0), so 0.02
+    is five standard errors; uniform's median (0.5) is 0.23 away."""
+    T = 1000
+    draws = lambda s: np.array([draw_timestep(np.random.default_rng([7, k]), T, s) for k in range(4000)])  # noqa: E731
+    uniform = draws(TimestepSampling("uniform"))
+    assert np.array_equal(uniform, [np.random.default_rng([7, k]).integers(T) for k in range(4000)])
+    noisy = draws(TimestepSampling("logit_normal", logit_mean=1.0, logit_std=1.0))
+    assert noisy.min() >= 0 and noisy.max() <= T - 1
+    assert abs(np.median(noisy) / T - 1 / (1 + np.exp(-1.0))) < 0.02
+    assert abs(np.median(uniform) / T - 0.5) < 0.02
+    centred = draws(TimestepSampling("logit_normal", logit_mean=0.0, logit_std=0.5))
+    assert abs(np.median(centred) / T - 0.5) < 0.02 and centred.std() < uniform.std() / 2

@@ -26,6 +26,21 @@ class ConfigError(ValueError):
     """A training config that cannot be used; the message names the key."""
 
 
+@dataclass(frozen=True)
+class TimestepSampling:
+    """How training timesteps are drawn. ``"uniform"`` (the paper's, and DDPM's):
+    every step of ``0 .. T-1`` alike. ``"logit_normal"`` (SD3's density, through
+    diffusers' :func:`~diffusers.training_utils.compute_density_for_timestep_sampling`):
+    ``t = floor(sigmoid(x) * T)`` with ``x ~ N(logit_mean, logit_std)``; a positive
+    mean favours the noisy steps, where the coarse layout (and so most of a face's
+    identity) is decided."""
+
+    scheme: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+
 @dataclass
 class DataConfig:
     """Where the photos are and how they become training pairs.
@@ -131,7 +146,10 @@ class TrainConfig:
     ``ema_decay``: keep an exponential moving average of the trainable weights
     (e.g. 0.999; ``null`` = off). ``checkpoint_every``: steps between checkpoints
     (0 = only at the end); ``keep_checkpoints``: how many to keep (0 = all).
-    ``log_every``: steps between log records.
+    ``log_every``: steps between log records. ``timestep_sampling``: how each
+    sample's timestep is drawn: ``"uniform"`` (the paper's) or ``"logit_normal"``
+    (``t = T * sigmoid(x)``, ``x ~ N(logit_mean, logit_std)``; ``logit_mean > 0``
+    favours the noisy steps, where a face's layout is decided).
     """
 
     output_dir: str = ""
@@ -149,6 +167,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 10
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def validate(self) -> "TrainConfig":
         if not self.output_dir:
@@ -165,6 +186,10 @@ class TrainConfig:
             raise ConfigError(f"id_dropout must be in [0, 1), got {self.id_dropout!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ConfigError(f"timestep_sampling must be 'uniform' or 'logit_normal', got {self.timestep_sampling!r}")
+        if not self.logit_std > 0:
+            raise ConfigError(f"logit_std must be > 0, got {self.logit_std!r}")
         if self.ema_decay is not None and not 0.0 < float(self.ema_decay) < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay!r}")
         self.data.validate()
@@ -202,6 +227,11 @@ class TrainConfig:
         self.data.cache_dir = rel(self.data.cache_dir)
         for k in ("base", "image_encoder", "init_adapter"):
             setattr(self.model, k, rel(getattr(self.model, k)))
+
+    @property
+    def timesteps(self):
+        """The run's :class:`TimestepSampling`."""
+        return TimestepSampling(self.timestep_sampling, float(self.logit_mean), float(self.logit_std))
 
     @property
     def cache_dir(self) -> Path:

@@ -7,8 +7,9 @@ mixed precision through Accelerate). Its forward is the paper's loss:
   probability ``id_dropout`` a sample's ``c_id`` becomes the unconditional tokens
   (the mapper on a zero embedding and on the CLIP states of an all-zero image), so
   guidance works at inference;
-* the target photo's latents are noised at a uniform timestep (DDPM forward
-  process of the model's own scheduler config);
+* the target photo's latents are noised at a timestep drawn uniformly (the
+  paper's) or from a logit-normal density (:class:`TimestepSampling`), through the
+  DDPM forward process of the model's own scheduler config;
 * the frozen U-Net runs with every ``attn2`` in training mode (identity tokens
   only, text cross-attention off; :data:`~infiniteid.model.processors.TRAINING`)
   and the empty prompt as its text inputs;
@@ -36,6 +37,7 @@ from ..imageproc import ClipImageConfig, clip_pixels
 from ..model.id_encoder import IDEncoder
 from ..model.pipeline import Components
 from ..model.processors import KWARG, TRAINING, IDConditioning, id_processors
+from .config import TimestepSampling
 from .data import PreparedData, sample_indices
 
 
@@ -130,6 +132,20 @@ def sample_seed(seed: int, step: int, k: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, k])
 
 
+def draw_timestep(rng: np.random.Generator, num_train_timesteps: int,
+                  sampling: Optional[TimestepSampling] = None) -> int:
+    """One training timestep from the sample's generator (one draw of ``rng`` either way,
+    so the pair, drop and noise of a sample do not depend on the scheme)."""
+    if sampling is None or sampling.scheme == "uniform":
+        return int(rng.integers(num_train_timesteps))
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    g = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    u = compute_density_for_timestep_sampling(sampling.scheme, 1, logit_mean=sampling.logit_mean,
+                                              logit_std=sampling.logit_std, generator=g)
+    return min(int(float(u[0]) * num_train_timesteps), num_train_timesteps - 1)
+
+
 def make_batch(
     data: PreparedData,
     partners: Sequence[np.ndarray],
@@ -139,13 +155,14 @@ def make_batch(
     clip_cfg: ClipImageConfig,
     num_train_timesteps: int,
     id_dropout: float,
+    timesteps: Optional[TimestepSampling] = None,
 ) -> Dict[str, torch.Tensor]:
     """The inputs of :meth:`IdentityTrainingModel.forward` for global samples ``sample_ids``."""
     rows = []
     for k in sample_ids:
         rng = sample_seed(seed, step, int(k))
         target, ref = sample_indices(rng, partners)
-        t = int(rng.integers(num_train_timesteps))
+        t = draw_timestep(rng, num_train_timesteps, timesteps)
         drop = bool(rng.random() < id_dropout)
         noise = rng.standard_normal(data.latents.shape[1:], dtype=np.float32)
         rows.append((target, ref, t, drop, noise))

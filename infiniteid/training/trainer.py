@@ -210,7 +210,8 @@ def _run(acc, cfg: TrainConfig, resume: Optional[str], progress: bool, say: Call
         total = torch.zeros((), device=acc.device)
         for micro in range(cfg.grad_accum):
             ids = micro_batch_ids(per_step, procs, rank, micro, cfg.batch_size)
-            batch = make_batch(data, partners, ids, step, cfg.seed, components.clip_image, t_steps, cfg.id_dropout)
+            batch = make_batch(data, partners, ids, step, cfg.seed, components.clip_image, t_steps, cfg.id_dropout,
+                               cfg.timesteps)
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = micro == cfg.grad_accum - 1
             with (nullcontext() if sync or procs == 1 else acc.no_sync(ddp_model)):
