@@ -51,6 +51,21 @@ def test_world_attributes_read_back_exactly():
     assert W.parse_caption("a photo of a person") is None
 
 
+def test_identity_chance_is_two_random_people_agreeing():
+    """Exact values from the world's definition (4 skins, 3 of each other attribute, glasses
+    half the time; bald people read hair colour "none": 1/3, the three colours 2/9 each),
+    checked against 20000 random pairs of people (standard error of the mean ~0.002)."""
+    chance = W.identity_chance()
+    assert chance["skin"] == pytest.approx(1 / 4) and chance["glasses"] == pytest.approx(1 / 2)
+    assert chance["hair_colour"] == pytest.approx((1 / 3) ** 2 + 3 * (2 / 9) ** 2)
+    assert chance["mean"] == pytest.approx((1 / 4 + 3 / 3 + 7 / 27 + 1 / 2) / 6)
+    rng = np.random.default_rng(11)
+    pairs = [(W.expected(W.Identity.random(rng), W.Scene()), W.expected(W.Identity.random(rng), W.Scene()))
+             for _ in range(20000)]
+    agree = np.mean([a[k] == b[k] for a, b in pairs for k in W.IDENTITY_ATTRIBUTES])
+    assert abs(agree - chance["mean"]) < 0.01
+
+
 def test_world_folders_are_training_data_the_face_front_end_detects(tmp_path, face_models):
     root = W.write_world(tmp_path / "w", identities=3, photos=2, size=128, seed=1)
     meta = json.loads((root / "world.json").read_text())
@@ -117,6 +132,10 @@ def test_evaluate_command_on_the_tiny_model(tmp_path, face_models, clip_folder, 
         assert isinstance(res["means"][k], float)
     md = (out / "report.md").read_text()
     assert "| Infinite-ID (paper) | 0.340 | 0.913 | 0.689 |" in md and "Generated-world attributes" in md
+    by_attr = res["identity_by_attribute"]
+    assert set(by_attr) == set(W.IDENTITY_ATTRIBUTES)  # each attribute's mean; their mean is identity_acc
+    assert abs(np.mean(list(by_attr.values())) - res["means"]["identity_acc"]) < 1e-9
+    assert res["identity_chance"]["glasses"] == 0.5 and f"| glasses | {by_attr['glasses']:.3f} | 0.500 |" in md
     assert Image.open(out / "contact_sheet.png").size == (3 * 128, 2 * 128 + 24)
     assert len(list((out / "images").glob("*.png"))) == 4
     assert main(["evaluate", "--tiny", "--references", str(refs), "--out", str(out)]) == 1

@@ -19,6 +19,8 @@ the fraction of identity attributes read from the generated image that equal
 those read from the reference photo; *prompt accuracy* the fraction of scene
 attributes equal to the prompt's; the same prompt accuracy of the text stream
 (plain SDXL on the prompt) is the baseline the ID stream must not fall below.
+The report adds each identity attribute's accuracy beside its chance level
+(:func:`~.world.identity_chance`, about 1/3 on average).
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ class EvalRow:
     prompt_acc: Optional[float] = None
     text_prompt_acc: Optional[float] = None
     attributes: Optional[Dict[str, Any]] = None
+    identity_hits: Optional[Dict[str, bool]] = None
 
 
 @dataclass
@@ -70,6 +73,11 @@ class EvalReport:
         has_face = bool(self.settings.get("face_models"))
         out["no_face"] = sum(1 for r in self.rows if r.face_sim is None) if has_face else None
         return out
+
+    def identity_by_attribute(self) -> Dict[str, float]:
+        """Generated world: each identity attribute's accuracy over the rows ({} otherwise)."""
+        hits = [r.identity_hits for r in self.rows if r.identity_hits]
+        return {k: float(np.mean([h[k] for h in hits])) for k in W.IDENTITY_ATTRIBUTES} if hits else {}
 
 
 def identity_references(folder: Path) -> List[Tuple[str, Path]]:
@@ -152,6 +160,7 @@ def evaluate(
             got, want_id = W.measure(img), ref_attrs[r.identity]
             r.attributes = got
             r.identity_acc = W.attribute_accuracy([got], [want_id], W.IDENTITY_ATTRIBUTES)
+            r.identity_hits = {k: bool(got[k] == want_id[k]) for k in W.IDENTITY_ATTRIBUTES}
             scene = W.parse_caption(r.prompt)
             if scene is not None:
                 want = asdict(scene)
@@ -176,6 +185,8 @@ def write_report(report: EvalReport, out: Path) -> Dict[str, Path]:
     means = report.means()
     (out / "results.json").write_text(json.dumps({
         "source": report.source, "settings": report.settings, "means": means,
+        "identity_by_attribute": report.identity_by_attribute(),
+        "identity_chance": W.identity_chance() if report.settings.get("world") else None,
         "paper": PAPER_TABLE, "rows": [asdict(r) for r in report.rows]}, indent=1, default=str))
     (out / "report.md").write_text(markdown(report, means))
     contact_sheet(report).save(out / "contact_sheet.png")
@@ -207,6 +218,13 @@ def markdown(report: EvalReport, means: Dict[str, Optional[float]]) -> str:
                   "| identity accuracy | prompt accuracy (ID stream) | prompt accuracy (text stream) |",
                   "|---|---|---|",
                   f"| {_fmt(means['identity_acc'])} | {_fmt(means['prompt_acc'])} | {_fmt(means['text_prompt_acc'])} |"]
+        by_attr, chance = report.identity_by_attribute(), W.identity_chance()
+        if by_attr:
+            lines += ["", "| identity attribute | accuracy | chance |", "|---|---|---|"]
+            lines += [f"| {k} | {by_attr[k]:.3f} | {chance[k]:.3f} |" for k in W.IDENTITY_ATTRIBUTES]
+            lines += [f"| **mean** | {_fmt(means['identity_acc'])} | {chance['mean']:.3f} |", "",
+                      "Chance: the accuracy of images that ignore the reference (two independent world "
+                      "people agreeing); an untrained ID module scores about this."]
     return "\n".join(lines) + "\n"
 
 

@@ -242,6 +242,26 @@ def distinct_identities() -> int:
     return len(SKIN) * len(FACE_SHAPES) * len(HAIR) * len(HAIR_STYLES) * len(EYES) * 2
 
 
+def identity_chance() -> Dict[str, float]:
+    """Per identity attribute, the accuracy of an image that ignores the reference:
+    ``sum_v p(v)^2`` over the world's people (what :func:`expected` reads, so a bald
+    person's hair colour is ``"none"``), i.e. the chance that two independent people
+    agree; ``"mean"`` is the identity accuracy's chance level (about 1/3). An image
+    always drawing the commonest value scores ``max_v p(v)`` instead (mean 0.347):
+    either way, no model's accuracy is more than ~3x its chance level."""
+    import itertools
+    from collections import Counter
+
+    people = [Identity(*v) for v in itertools.product(SKIN, FACE_SHAPES, HAIR, HAIR_STYLES, EYES, (False, True))]
+    looks = [expected(p, Scene()) for p in people]
+    out = {}
+    for k in IDENTITY_ATTRIBUTES:
+        counts = Counter(str(d[k]) for d in looks)
+        out[k] = sum((c / len(looks)) ** 2 for c in counts.values())
+    out["mean"] = float(np.mean([out[k] for k in IDENTITY_ATTRIBUTES]))
+    return out
+
+
 def world_identities(folder) -> List[Identity]:
     """The people of a world written by :func:`write_world` (its ``world.json``)."""
     photos = json.loads((Path(folder) / "world.json").read_text())["photos"]
