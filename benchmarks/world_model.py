@@ -60,6 +60,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--heldout", type=int, default=12, help="new people for evaluation (default 12)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="one stage-3 run; keys: lr, batch_size, id_dropout, face_tokens, warmup_steps, ema_decay, "
+                        "logit_mean (logit-normal timesteps with this mean, e.g. 1.0; default uniform), "
                         "init (an adapter file to start from) (default: a:lr=1e-3,batch_size=32)")
     p.add_argument("--base", type=Path, default=None, metavar="DIR",
                    help="a model folder of an earlier run (base/, image_encoder/): skip stages 1 and 2")
@@ -210,6 +211,7 @@ def train_config(v: Dict[str, object], out: Path, model: Path, world: Path, cach
         "batch_size": int(v.get("batch_size", 32)), "max_steps": 10 ** 7, "checkpoint_every": 250,
         "keep_checkpoints": 2, "log_every": 100, "id_dropout": float(v.get("id_dropout", 0.1)),
         **({"ema_decay": float(v["ema_decay"])} if "ema_decay" in v else {}),
+        **({"timestep_sampling": "logit_normal", "logit_mean": float(v["logit_mean"])} if "logit_mean" in v else {}),
     }
 
 
