@@ -50,11 +50,12 @@ def test_demo_in_a_subprocess(bundle_dir, cache, tmp_path):
     assert "numpy" in record["versions"] and "onnxruntime" in record["versions"]
 
 
-def test_world_demo_draws_the_prompts_scene_and_part_of_the_identity(cache, tmp_path):
+def test_world_demo_draws_the_prompts_scene_and_the_identity(cache, tmp_path):
     """The default demo: the shipped world model, exported once, on the runtime. Both streams draw
     the prompt's scene (read back by the world's own measurement); the image carries at least
-    two more of the reference's six identity attributes than the same prompt without the
-    identity (the text stream). Measured with this model: 4 of 6 against 2 of 6."""
+    three more of the reference's six identity attributes than the same prompt without the
+    identity (the text stream). Measured with this model: 6 of 6 against 2 of 6 (the bound
+    leaves one attribute of slack for onnxruntime builds that round differently)."""
     from infiniteid.evaluation import world as W
 
     env = dict(os.environ, INFINITEID_CACHE=str(cache))
@@ -73,7 +74,7 @@ def test_world_demo_draws_the_prompts_scene_and_part_of_the_identity(cache, tmp_
     for stream in (text, image):
         assert (stream["background"], stream["clothing"], stream["lighting"]) == ("snow", "red", "sunset")
     hits = {name: sum(s[k] == reference[k] for k in W.IDENTITY_ATTRIBUTES) for name, s in (("text", text), ("id", image))}
-    assert hits["id"] >= hits["text"] + 2, hits
+    assert hits["id"] >= hits["text"] + 3, hits
 
 
 def test_world_demo_user_errors(tmp_path, capsys):
