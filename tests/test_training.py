@@ -399,3 +399,20 @@ def test_timestep_sampling_uniform_is_the_old_draw_and_logit_normal_follows_its_
     assert abs(np.median(uniform) / T - 0.5) < 0.02
     centred = draws(TimestepSampling("logit_normal", logit_mean=0.0, logit_std=0.5))
     assert abs(np.median(centred) / T - 0.5) < 0.02 and centred.std() < uniform.std() / 2
+
+
+def test_the_trainer_draws_the_configured_timesteps(world, tmp_path):
+    """The config reaches the batches: with the same seed, a run whose timesteps all sit at
+    the noisy end (logit mean 6, std 0.01: t >= 997 of 1000) computes other losses than the
+    uniform run, and ``make_batch`` gives exactly those timesteps."""
+    noisy = TimestepSampling("logit_normal", logit_mean=6.0, logit_std=0.01)
+    _model, data, c = training_model(config(world, tmp_path / "m"))
+    batch = make_batch(data, data.same_identity(), range(8), 0, seed=0, clip_cfg=c.clip_image,
+                       num_train_timesteps=1000, id_dropout=0.0, timesteps=noisy)
+    assert batch["timesteps"].min() >= 997
+    uniform = train(config(world, tmp_path / "u", max_steps=2), progress=False, log=lambda _m: None)
+    late = train(config(world, tmp_path / "n", max_steps=2, timestep_sampling="logit_normal", logit_mean=6.0,
+                        logit_std=0.01), progress=False, log=lambda _m: None)
+    assert uniform.losses != late.losses
+    start = json.loads(late.log.read_text().splitlines()[0])
+    assert start["config"]["timestep_sampling"] == "logit_normal" and start["config"]["logit_mean"] == 6.0
