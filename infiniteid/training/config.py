@@ -40,7 +40,6 @@ class TimestepSampling:
     logit_std: float = 1.0
 
 
-
 @dataclass
 class DataConfig:
     """Where the photos are and how they become training pairs.
@@ -229,7 +228,7 @@ class TrainConfig:
             setattr(self.model, k, rel(getattr(self.model, k)))
 
     @property
-    def timesteps(self):
+    def timesteps(self) -> TimestepSampling:
         """The run's :class:`TimestepSampling`."""
         return TimestepSampling(self.timestep_sampling, float(self.logit_mean), float(self.logit_std))
 
