@@ -119,8 +119,7 @@ def id_only(args: argparse.Namespace) -> int:
                            added_cond_kwargs={"text_embeds": pooled.expand(2, -1), "time_ids": time_ids},
                            cross_attention_kwargs={KWARG: ids}).sample
                 lat = sched.step(e[:1] + args.guidance * (e[1:] - e[:1]), t, lat).prev_sample
-            img = c.vae.decode(lat / c.vae.config.scaling_factor).sample
-        arr = ((img[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        arr = pipe.decode(lat)[0]
         ref = load_image(path)
         accs.append(W.attribute_accuracy([W.measure(arr)], [W.measure(ref)], W.IDENTITY_ATTRIBUTES))
         rows.append(np.concatenate([np.asarray(Image.fromarray(ref).resize(arr.shape[:2][::-1])), arr], 1))

@@ -159,8 +159,8 @@ def evaluate(
         for r, img, timg in zip(rows, images, text_images):
             got, want_id = W.measure(img), ref_attrs[r.identity]
             r.attributes = got
-            r.identity_acc = W.attribute_accuracy([got], [want_id], W.IDENTITY_ATTRIBUTES)
             r.identity_hits = {k: bool(got[k] == want_id[k]) for k in W.IDENTITY_ATTRIBUTES}
+            r.identity_acc = float(np.mean(list(r.identity_hits.values())))
             scene = W.parse_caption(r.prompt)
             if scene is not None:
                 want = asdict(scene)
